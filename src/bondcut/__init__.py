@@ -1,0 +1,24 @@
+"""bondcut: make causal LMs small with Matrix Product Operators (CompactifAI-style), and prove it.
+
+Public API::
+
+    import bondcut
+    model, tok = bondcut.load("smollm2-135m")
+    report = bondcut.compress(model, bondcut.CompressConfig(ratio=0.5))
+    bondcut.save(model, "smollm2-50", tokenizer=tok)
+    model, tok = bondcut.load("smollm2-50")
+
+Importing bondcut registers its MPO format with transformers, so ``AutoModelForCausalLM.from_pretrained``
+reloads saved directories. Optional heavy libraries (lm_eval, matplotlib) are imported only where used.
+"""
+
+from . import hf_integration  # noqa: F401  (registers the "bondcut_mpo" loader with transformers)
+from .config import CompressConfig
+from .models import resolve_model
+from .mpo_linear import MPOLinear
+from .serialization import export_dense, load, save
+from .surgery import CompressionReport, compress
+
+__version__ = "0.1.0"
+
+__all__ = ["CompressConfig", "CompressionReport", "MPOLinear", "compress", "export_dense", "load", "resolve_model", "save"]

@@ -1,0 +1,33 @@
+"""The MPO math: site layouts, TT-SVD, and planned contraction. Pure functions on tensors."""
+
+from .contract import ContractionPlan, contract, plan_contraction
+from .decompose import MPO, cores_to_dense, decompose
+from .sites import (
+    SiteLayoutError,
+    Sites,
+    balanced_sites,
+    bond_dims_for_chi,
+    chi_for_fraction,
+    lowrank_sites,
+    max_bond_dims,
+    mpo_num_params,
+    resolve_sites,
+)
+
+__all__ = [
+    "MPO",
+    "ContractionPlan",
+    "SiteLayoutError",
+    "Sites",
+    "balanced_sites",
+    "bond_dims_for_chi",
+    "chi_for_fraction",
+    "contract",
+    "cores_to_dense",
+    "decompose",
+    "lowrank_sites",
+    "max_bond_dims",
+    "mpo_num_params",
+    "plan_contraction",
+    "resolve_sites",
+]

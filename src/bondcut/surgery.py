@@ -1,0 +1,193 @@
+"""Model surgery: find a causal LM's SA/MLP matrices and replace them in place by MPOLinear layers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .architectures import TargetMatch, find_targets
+from .config import CompressConfig
+from .mpo import bond_dims_for_chi, chi_for_fraction, decompose, max_bond_dims, mpo_num_params, resolve_sites
+from .mpo_linear import MPOLinear
+from .patterns import matches, select
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    """What happened to one matrix."""
+
+    name: str
+    kind: str
+    block: int | None
+    shape: tuple[int, int]
+    sites: list[list[int]]
+    bond_dims: list[int]
+    params_before: int
+    params_after: int
+    rel_error: float  # ||W - W_hat||_F / ||W||_F, from the discarded singular values
+    seconds: float
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer results and totals of one :func:`compress` call."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int = 0
+    uniform_chi: int | None = None
+
+    @property
+    def target_params_before(self) -> int:
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def target_params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "uniform_chi": self.uniform_chi,
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+            "target_params_before": self.target_params_before,
+            "target_params_after": self.target_params_after,
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out x in) weight of an nn.Linear or a transformers Conv1D (which stores it transposed)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.t()  # Conv1D: y = x @ W + b with W (in, out)
+    raise TypeError(f"cannot compress a {type(module).__name__}; only nn.Linear and transformers Conv1D")
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def select_targets(model: nn.Module, config: CompressConfig) -> list[TargetMatch]:
+    """The modules ``config`` asks to compress (architecture table or explicit names, then include/exclude)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    if config.modules is not None:
+        chosen = select(list(config.modules), names, "modules")
+        targets = [TargetMatch(n, "custom", None) for n in chosen]
+    else:
+        targets = find_targets(names, model.config.model_type)
+    candidate_names = [t.name for t in targets]
+    if config.include is not None:
+        keep = set(select(config.include, candidate_names, "include"))
+        targets = [t for t in targets if t.name in keep]
+    if config.exclude:
+        drop = set(select(config.exclude, candidate_names, "exclude"))
+        targets = [t for t in targets if t.name not in drop]
+    if not targets:
+        raise ValueError("include/exclude left no module to compress")
+    return targets
+
+
+def _chi_for(config: CompressConfig, name: str) -> int | None:
+    if not isinstance(config.chi, dict):
+        return config.chi
+    for pattern, chi in config.chi.items():
+        if matches(pattern, name):
+            return chi
+    raise ValueError(f"module {name} matches no pattern of the chi dict {list(config.chi)}")
+
+
+def break_even_chi(sites: tuple) -> int:
+    """Largest chi at which the MPO still has no more entries than the dense matrix."""
+    return chi_for_fraction(sites, 1.0)
+
+
+def uniform_chi_for_ratio(layouts: list[tuple], ratio: float) -> int:
+    """Largest single chi for all layers whose MPOs hold at most ``ratio`` of the layers' dense parameters.
+
+    Each layer's chi is capped at its break-even chi (:func:`break_even_chi`), so a small matrix never
+    becomes larger than it was dense while the big ones take the shared chi.
+    """
+    dense = sum(math.prod(a for a, _ in s) * math.prod(b for _, b in s) for s in layouts)
+    budget = ratio * dense
+    caps = [break_even_chi(s) for s in layouts]
+
+    def total(chi: int) -> int:
+        return sum(mpo_num_params(s, bond_dims_for_chi(s, min(chi, cap))) for s, cap in zip(layouts, caps))
+
+    if total(1) > budget:
+        raise ValueError(f"ratio {ratio} is below what chi=1 gives ({total(1) / dense:.4f}); raise it")
+    lo, hi = 1, max(caps)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid - 1)
+    return lo
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig,
+    on_layer: Callable[[LayerReport, int, int], None] | None = None,
+) -> CompressionReport:
+    """Replace the selected SA/MLP matrices of ``model`` by :class:`MPOLinear`, in place.
+
+    ``on_layer(report, index, total)`` is called after each layer (the CLI draws its progress bar with it).
+    The MPO layout is written to ``model.config.quantization_config`` so :func:`bondcut.save` round-trips.
+    """
+    from .hf_integration import attach_layout_config
+
+    targets = select_targets(model, config)
+    modules = {t.name: model.get_submodule(t.name) for t in targets}
+    weights = {name: dense_weight(mod) for name, mod in modules.items()}
+    layouts = {name: resolve_sites(*w.shape, config.sites) for name, w in weights.items()}
+    report = CompressionReport(model_params_before=sum(p.numel() for p in model.parameters()))
+    if config.ratio is not None:
+        report.uniform_chi = uniform_chi_for_ratio(list(layouts.values()), config.ratio)
+    elif isinstance(config.chi, int):
+        report.uniform_chi = config.chi
+
+    for index, target in enumerate(targets):
+        start = time.perf_counter()
+        module, weight = modules[target.name], weights[target.name]
+        layout = layouts[target.name]
+        if config.ratio is not None:
+            chi = min(report.uniform_chi, break_even_chi(layout))
+        else:
+            chi = _chi_for(config, target.name)
+        mpo = decompose(weight, sites=layout, chi=chi, tol=config.tol)
+        bias = getattr(module, "bias", None)
+        kind = "conv1d" if type(module).__name__ == "Conv1D" else "linear"
+        layer = MPOLinear.from_mpo(mpo, bias=None if bias is None else bias.detach(), source_kind=kind)
+        set_submodule(model, target.name, layer)
+        norm = float(torch.linalg.norm(weight.detach().float()))
+        layer_report = LayerReport(
+            name=target.name,
+            kind=target.kind,
+            block=target.block,
+            shape=tuple(weight.shape),
+            sites=[list(s) for s in mpo.sites],
+            bond_dims=list(mpo.bond_dims),
+            params_before=weight.numel() + (0 if bias is None else bias.numel()),
+            params_after=layer.num_params,
+            rel_error=mpo.truncation_error / norm if norm else 0.0,
+            seconds=time.perf_counter() - start,
+        )
+        report.layers.append(layer_report)
+        log.debug("compressed %s: %s", target.name, layer_report)
+        if on_layer is not None:
+            on_layer(layer_report, index, len(targets))
+    report.model_params_after = sum(p.numel() for p in model.parameters())
+    attach_layout_config(model)
+    return report
