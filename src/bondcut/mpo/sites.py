@@ -42,17 +42,17 @@ def balanced_sites(m: int, n: int, k: int) -> Sites:
     """Balanced k-site layout for an (m x n) matrix.
 
     Factors of m go in descending and factors of n in ascending order, so site sizes m_i*n_i stay close and
-    the middle bonds can carry large ranks. Raises :class:`SiteLayoutError` when a site would be 1x1 (both
-    dimensions have too few prime factors, e.g. prime m and n).
+    the middle bonds can carry large ranks. Raises :class:`SiteLayoutError` when m or n has fewer than k prime
+    factors (a site would get a dimension of 1, e.g. prime m), rather than silently returning another layout.
     """
     if k < 1:
         raise SiteLayoutError(f"number of sites must be >= 1, got {k}")
     m_f = balanced_factors(m, k)
     n_f = tuple(reversed(balanced_factors(n, k)))
     sites = tuple(zip(m_f, n_f))
-    if k > 1 and any(mi * ni == 1 for mi, ni in sites):
+    if k > 1 and any(mi == 1 or ni == 1 for mi, ni in sites):
         raise SiteLayoutError(
-            f"a {m}x{n} matrix cannot be split into {k} non-trivial sites (factors of {m}: {m_f}, of {n}: "
+            f"a {m}x{n} matrix cannot be split into {k} balanced sites (factors of {m}: {m_f}, of {n}: "
             f"{n_f}); use fewer sites, sites='lowrank', or give explicit sites such as [({m}, 1), (1, {n})]"
         )
     return sites

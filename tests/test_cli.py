@@ -1,0 +1,59 @@
+"""The CLI end to end on the shipped model: compress prints its table and saves; info reads it; bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bondcut.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory, trained_model):
+    out = tmp_path_factory.mktemp("cli") / "small"
+    result = runner.invoke(app, ["compress", "smollm2-135m", "--chi", "16", "--include", "re:layers\\.0\\.", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_compress_prints_before_after_table_and_saves(compressed_dir):
+    out, output = compressed_dir
+    for label in ("SA+MLP params", "model params", "weights on disk (MB)", "removed"):
+        assert label in output
+    assert "7 matrices" in output
+    report = json.loads((out / "bondcut_report.json").read_text())
+    assert len(report["layers"]) == 7 and report["uniform_chi"] == 16
+    assert report["target_params_after"] < report["target_params_before"]
+
+
+def test_info_lists_every_layer(compressed_dir):
+    out, _ = compressed_dir
+    result = runner.invoke(app, ["info", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "model.layers.0.mlp.down_proj" in result.output and "7 MPO layers" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["compress", "no-such-model", "--chi", "4", "--out", "{tmp}/x"], "not found"),
+        (["compress", "smollm2-135m", "--out", "{tmp}/x"], "no size given"),
+        (["compress", "smollm2-135m", "--ratio", "2", "--out", "{tmp}/x"], "ratio"),
+        (["compress", "smollm2-135m", "--chi", "4", "--sites", "many", "--out", "{tmp}/x"], "--sites"),
+        (["compress", "smollm2-135m", "--chi", "4", "--exclude", "re:nothing_here", "--out", "{tmp}/x"], "matches no"),
+        (["info", "{tmp}"], "no config.json"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_and_writes_nothing(args, message, tmp_path):
+    result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_output_is_not_overwritten(compressed_dir):
+    out, _ = compressed_dir
+    result = runner.invoke(app, ["compress", "smollm2-135m", "--chi", "4", "--out", str(out)])
+    assert result.exit_code == 2 and "--overwrite" in result.output

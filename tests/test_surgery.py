@@ -1,0 +1,116 @@
+"""Model surgery on the shipped trained model, plus GPT-2 / Gemma 3 shapes and bad configurations."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, Gemma3TextConfig, OPTConfig
+
+import bondcut
+from bondcut import CompressConfig, MPOLinear
+from bondcut.architectures import UnsupportedArchitectureError
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _mean_nll(model, ids):
+    with torch.no_grad():
+        return float(model(ids, labels=ids).loss)
+
+
+FIRST_MID_LAST = ["re:layers\\.(0|15|29)\\."]
+
+
+def test_full_chi_gives_the_original_logits(fresh_trained_model, prompt_ids):
+    model, _ = fresh_trained_model
+    reference = _logits(model, prompt_ids)
+    report = bondcut.compress(model, CompressConfig(chi=10**6, include=FIRST_MID_LAST))
+    assert len(report.layers) == 21 and {r.kind for r in report.layers} == {"attention", "mlp"}
+    assert sum(isinstance(m, MPOLinear) for m in model.modules()) == 21
+    assert (_logits(model, prompt_ids) - reference).abs().max() <= 1e-4
+
+
+def test_ratio_halves_the_targeted_parameters_and_the_model_degrades_but_runs(fresh_trained_model, prompt_ids):
+    model, _ = fresh_trained_model
+    original_nll = _mean_nll(model, prompt_ids)
+    report = bondcut.compress(model, CompressConfig(ratio=0.5))
+    assert len(report.layers) == 30 * 7
+    kept = report.target_params_after / report.target_params_before
+    assert 0.49 <= kept <= 0.5
+    assert all(r.params_after <= r.params_before for r in report.layers)  # small matrices capped at break-even
+    assert report.model_params_before - report.model_params_after == (
+        report.target_params_before - report.target_params_after
+    )
+    nll = _mean_nll(model, prompt_ids)
+    assert torch.isfinite(torch.tensor(nll)) and nll > original_nll
+
+
+def test_include_exclude_and_explicit_chi_per_pattern(fresh_trained_model):
+    model, _ = fresh_trained_model
+    config = CompressConfig(
+        chi={"re:mlp": 8, "re:self_attn": 4}, include=["re:layers\\.1\\."], exclude=["re:down_proj$"]
+    )
+    report = bondcut.compress(model, config)
+    names = [r.name for r in report.layers]
+    assert len(names) == 6 and not any("down_proj" in n for n in names)
+    assert {tuple(r.bond_dims) for r in report.layers if r.kind == "mlp"} == {(8,)}
+    assert {tuple(r.bond_dims) for r in report.layers if r.kind == "attention"} == {(4,)}
+    assert isinstance(model.model.layers[1].mlp.down_proj, torch.nn.Linear)
+
+
+def test_a_pattern_matching_nothing_is_an_error(fresh_trained_model):
+    model, _ = fresh_trained_model
+    with pytest.raises(ValueError, match="matches no module"):
+        bondcut.compress(model, CompressConfig(chi=4, exclude=["re:down_prj"]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({}, "no size given"),
+        ({"ratio": 0.5, "chi": 4}, "either ratio"),
+        ({"ratio": 1.5}, "must be in \\(0, 1\\]"),
+        ({"chi": 0}, "positive int"),
+        ({"chi": 4, "sites": "kron"}, "sites must be"),
+        ({"tol": 2.0}, "relative error"),
+    ],
+)
+def test_bad_configs_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompressConfig(**kwargs)
+
+
+def _tiny(config_cls, **kwargs):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config_cls(**kwargs)).eval()
+
+
+def test_gpt2_conv1d_layers_are_transposed_correctly():
+    model = _tiny(GPT2Config, n_embd=48, n_layer=2, n_head=4, vocab_size=100, n_positions=32)
+    ids = torch.randint(0, 100, (2, 10))
+    reference = _logits(model, ids)
+    report = bondcut.compress(model, CompressConfig(chi=10**6, sites=3))
+    assert [r.name.split(".", 3)[-1] for r in report.layers[:4]] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert report.layers[0].shape == (144, 48)  # (out, in) although Conv1D stores (in, out)
+    assert (_logits(model, ids) - reference).abs().max() < 1e-4
+
+
+def test_gemma3_text_targets_are_found():
+    model = _tiny(
+        Gemma3TextConfig, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, vocab_size=128,
+    )  # fmt: skip
+    ids = torch.randint(0, 128, (1, 12))
+    reference = _logits(model, ids)
+    report = bondcut.compress(model, CompressConfig(chi=10**6))
+    assert len(report.layers) == 14
+    assert (_logits(model, ids) - reference).abs().max() < 1e-4
+
+
+def test_unknown_architecture_lists_supported_ones_and_explicit_modules_work():
+    model = _tiny(OPTConfig, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    with pytest.raises(UnsupportedArchitectureError, match="llama.*name the modules by hand|supported: .*llama"):
+        bondcut.compress(model, CompressConfig(chi=4))
+    report = bondcut.compress(model, CompressConfig(chi=4, modules=["re:layers\\.0\\.fc[12]$"]))
+    assert [r.kind for r in report.layers] == ["custom", "custom"]
