@@ -32,7 +32,7 @@ def test_heldout_press_text_is_plain_english(heldout_text):
     assert not re.search(r"\w/(nn|np|vb|vbd|at|in|jj|cc|rb|pps)\b", heldout_text)  # no tag remnants
     assert "``" not in heldout_text and "''" not in heldout_text
     assert not re.search(r" [,.;:?!)]", heldout_text) and "( " not in heldout_text
-    assert len(re.findall(r"\bthe\b", heldout_text, flags=re.I)) / len(heldout_text.split()) > 0.04
+    assert len(re.findall(r"\bthe\b", heldout_text, flags=re.IGNORECASE)) / len(heldout_text.split()) > 0.04
 
 
 def test_documents_are_one_per_file_and_join_with_blank_lines():

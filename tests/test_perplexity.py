@@ -31,8 +31,13 @@ def test_trained_model_perplexity_on_heldout_press(trained_model, heldout_text):
     # Measured 31.50 (SmolLM2-135M, dequantized Q4_1, first 2,048 tokens of ca01/ca11/...).
     assert 10 < result.perplexity < 80
     assert result.tokens_scored == 2047
-    assert result.to_dict() == {"perplexity": result.perplexity, "nll": result.nll, "tokens_scored": 2047,
-                                "context": 256, "stride": 128}
+    assert result.to_dict() == {
+        "perplexity": result.perplexity,
+        "nll": result.nll,
+        "tokens_scored": 2047,
+        "context": 256,
+        "stride": 128,
+    }
     assert math.isclose(math.exp(result.nll), result.perplexity)
 
 
@@ -74,8 +79,15 @@ def test_overlapping_windows_match_labels_method_and_batching(trained_model, hel
             if end == 160:
                 break
     calls = []
-    one = perplexity(model, tokenizer, heldout_text, context=64, stride=32, max_tokens=160,
-                     on_window=lambda done, total: calls.append((done, total)))
+    one = perplexity(
+        model,
+        tokenizer,
+        heldout_text,
+        context=64,
+        stride=32,
+        max_tokens=160,
+        on_window=lambda done, total: calls.append((done, total)),
+    )
     batched = perplexity(model, tokenizer, heldout_text, context=64, stride=32, max_tokens=160, batch_size=3)
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert one.tokens_scored == batched.tokens_scored == count == 159

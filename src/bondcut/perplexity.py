@@ -43,6 +43,23 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
     return spans
 
 
+def _batches(spans: list[tuple[int, int, int]], batch_size: int):
+    """Runs of up to ``batch_size`` consecutive windows of the same length and scored count."""
+    group: list[tuple[int, int, int]] = []
+    for span in spans:
+        if group and (len(group) == batch_size or _shape(span) != _shape(group[0])):
+            yield group
+            group = []
+        group.append(span)
+    if group:
+        yield group
+
+
+def _shape(span: tuple[int, int, int]) -> tuple[int, int]:
+    begin, end, first = span
+    return end - begin, end - first
+
+
 def _max_positions(config) -> int | None:
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)
@@ -99,27 +116,20 @@ def perplexity(
     nll_sum, scored, done = 0.0, 0, 0
     try:
         with torch.no_grad():
-            i = 0
-            while i < len(spans):
-                # A batch: up to batch_size consecutive windows of the same length and the same scored count.
-                length, n_new = spans[i][1] - spans[i][0], spans[i][1] - spans[i][2]
-                j = i + 1
-                while j < len(spans) and j - i < batch_size and spans[j][1] - spans[j][0] == length \
-                        and spans[j][1] - spans[j][2] == n_new:
-                    j += 1
-                batch = torch.stack([ids[b:e] for b, e, _ in spans[i:j]]).to(device)  # (B, L)
-                # Logits at positions L-n_new-1 .. L-2 predict the n_new scored tokens L-n_new .. L-1.
+            for group in _batches(spans, batch_size):
+                n_new = group[0][1] - group[0][2]  # tokens scored per window
+                batch = torch.stack([ids[begin:end] for begin, end, _ in group]).to(device)  # (B, L)
+                # Logits at positions L-n_new-1 .. L-2 predict the scored tokens at L-n_new .. L-1.
                 kwargs = {"logits_to_keep": n_new + 1} if keep_logits else {}
-                logits = model(input_ids=batch, **kwargs).logits[:, -(n_new + 1):-1]  # (B, n_new, V)
+                logits = model(input_ids=batch, **kwargs).logits[:, -(n_new + 1) : -1]  # (B, n_new, V)
                 targets = batch[:, -n_new:]  # (B, n_new)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
                 nll_sum += loss.item()
                 scored += targets.numel()
-                for _ in range(i, j):
+                for _ in group:
                     done += 1
                     if on_window is not None:
                         on_window(done, len(spans))
-                i = j
     finally:
         model.train(was_training)
     nll = nll_sum / scored
