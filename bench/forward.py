@@ -15,15 +15,18 @@ round-robin so that all three see the same machine load.
 Profile: torch.profiler on the balanced MPO layer of ``--profile-shape`` (and the dense layer for reference):
 top ops by self CPU time, with input shapes.
 
-Run (about 5-10 minutes on 2 cores; numbers are only meaningful on an otherwise idle machine: the JSON records
-the load average)::
+Run (about 18 minutes on 2 cores, 14 of them the 20 forwards of the default-layout model at ~40 s each;
+timings only mean something on an otherwise idle machine: the JSON records the CPU share of other processes)::
 
-    python bench/forward.py                       # -> bench/results/forward.json and forward.png
+    python bench/forward.py                             # -> bench/results/forward.json and forward.png
+    python bench/forward.py --model-repeats 3           # quicker whole-model numbers (about 5 minutes)
     python bench/forward.py --skip-model --repeats 20   # layers and profile only (about 1 minute)
 
-Expect: "lowrank" plans 0.5x the dense FLOPs and runs at or below dense time; the balanced layouts plan 8-14x
-(2 sites) and 15-32x (3 sites) the dense FLOPs at 50 % parameters, and run correspondingly slower; the whole
-compressed model is slower than the original with the default layout and faster with "lowrank".
+Expect (measured on 2 AMD EPYC cores): "lowrank" plans 0.5x the dense FLOPs and runs in 0.5-0.6x the dense
+time; the balanced layouts plan 8.5-14x (2 sites) and 15-32x (3 sites) the dense FLOPs at 50 % parameters and
+run 50-75x slower than dense, because the 1 x 512 x r x ... intermediates are hundreds of MB (the profile shows
+a permute copy and two memory-bound bmm's); rebuilding W from the cores on each call costs only 1.3-1.6x dense.
+Whole model: default layout ~40x slower than the original, "lowrank" ~0.7x.
 """
 
 from __future__ import annotations
