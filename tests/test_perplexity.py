@@ -14,13 +14,16 @@ def _ids(tokenizer, text, n):
     return tokenizer(text, return_tensors="pt", verbose=False).input_ids[:, :n]  # (1, n)
 
 
-@pytest.mark.parametrize("n, context, stride", [(300, 128, 128), (160, 64, 32), (1000, 256, 100), (50, 64, 16)])
+@pytest.mark.parametrize(
+    "n, context, stride", [(300, 128, 128), (160, 64, 32), (1000, 256, 100), (50, 64, 16), (257, 256, 256)]
+)
 def test_windows_score_each_token_once(n, context, stride):
     scored = [t for begin, end, first in windows(n, context, stride) for t in range(first, end)]
     # Every token but the first is scored once; with stride == context, nor is the first of each window.
     unscored = range(0, n, context) if stride == context else [0]
     assert scored == [t for t in range(n) if t not in unscored]
     spans = windows(n, context, stride)
+    assert all(first < end for _, end, first in spans)  # no window that scores nothing
     assert all(end - begin <= context for begin, end, _ in spans)
     assert all(first - begin == max(context - stride, 1) for begin, _, first in spans[1:])  # context kept
 

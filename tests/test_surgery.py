@@ -32,7 +32,7 @@ def test_ratio_halves_the_targeted_parameters_and_the_model_degrades_but_runs(fr
     model, tokenizer = fresh_trained_model
 
     def held_out_ppl():
-        return perplexity(model, tokenizer, heldout_text, context=256, stride=256, max_tokens=768).perplexity
+        return perplexity(model, tokenizer, heldout_text, context=256, stride=256, max_tokens=257).perplexity
 
     original = held_out_ppl()
     report = bondcut.compress(model, CompressConfig(ratio=0.5))

@@ -36,7 +36,9 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
     prev_end = 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + context, n_tokens)
-        spans.append((begin, end, max(prev_end, begin + 1)))  # token ``begin`` has no context in its window
+        first = max(prev_end, begin + 1)  # token ``begin`` has no context in its window
+        if first < end:  # a trailing 1-token window would score nothing
+            spans.append((begin, end, first))
         prev_end = end
         if end == n_tokens:
             break

@@ -35,15 +35,24 @@ def _bond(j: int, k: int) -> int:
 
 @dataclass(frozen=True)
 class ContractionStep:
+    """Absorb ``core`` as one matmul: state viewed as (Z, Q, R) times the core viewed as A (P, Q) -> (Z, P, R).
+
+    Labels are kept in the canonical order of :func:`_state_labels`, where the two contracted labels (the
+    core's input index and the bond it shares with the run) are always adjacent. So every step is a plain
+    (batched) GEMM on a contiguous view, and its output is already the next step's canonical layout: no
+    permutation of the large activation tensor is ever needed, only of the small core.
+    """
+
     core: int
-    state_labels: tuple[int, ...]
-    core_labels: tuple[int, ...]
-    out_labels: tuple[int, ...]
+    core_perm: tuple[int, ...]  # permutation of the core (r, m, n, r') before reshaping it to (P, Q)
+    p: int
+    q: int
+    r: int  # trailing size of the state that is carried through untouched
 
 
 @dataclass(frozen=True)
 class ContractionPlan:
-    """The order in which cores meet the input, the einsum of each step, and the cost per token."""
+    """The order in which cores meet the input, each step's matmul shape, and the cost per token."""
 
     order: tuple[int, ...]
     steps: tuple[ContractionStep, ...]
@@ -80,9 +89,19 @@ def plan_contraction(sites: Sites, bond_dims: tuple[int, ...]) -> ContractionPla
 
     def step(a: int, b: int, core: int, na: int, nb: int) -> tuple[int, ContractionStep]:
         """Absorb ``core`` into the run [a..b] (empty if a > b), giving the run [na..nb]."""
-        state, labels, out = _state_labels(k, a, b), _core_labels(k, core), _state_labels(k, na, nb)
+        state, labels = _state_labels(k, a, b), _core_labels(k, core)
         cost = 2 * math.prod(size[x] for x in set(state) | set(labels))
-        return cost, ContractionStep(core, state, labels, out)
+        r_in, (m_i, n_i), r_out = ranks[core], sites[core], ranks[core + 1]
+        trailing = math.prod(nj for _, nj in sites[core + 1 :])
+        if a > b:  # first core: contract n_i only; P = (r_i, m_i, r_{i+1})
+            plan = ContractionStep(core, (0, 1, 3, 2), r_in * m_i * r_out, n_i, trailing)
+        elif core == a - 1:  # extend left: contract (n_i, r_{i+1}); P = (r_i, m_i)
+            run = math.prod(mj for mj, _ in sites[a : b + 1]) * ranks[b + 1]
+            after = math.prod(nj for _, nj in sites[b + 1 :])
+            plan = ContractionStep(core, (0, 1, 2, 3), r_in * m_i, n_i * r_out, run * after)
+        else:  # extend right: contract (r_i, n_i); P = (m_i, r_{i+1})
+            plan = ContractionStep(core, (1, 3, 0, 2), m_i * r_out, r_in * n_i, trailing)
+        return cost, plan
 
     best: dict[tuple[int, int], tuple[int, tuple[ContractionStep, ...]]] = {}
     for i in range(k):
@@ -100,7 +119,7 @@ def plan_contraction(sites: Sites, bond_dims: tuple[int, ...]) -> ContractionPla
             options.append((right_cost + cost, (*right_steps, s)))
             best[(a, b)] = min(options, key=lambda o: o[0])
     total, steps = best[(0, k - 1)]
-    return ContractionPlan(order=tuple(s.core for s in steps), steps=steps, flops_per_token=total)
+    return ContractionPlan(order=tuple(st.core for st in steps), steps=steps, flops_per_token=total)
 
 
 def contract(x: torch.Tensor, cores: list[torch.Tensor], sites: Sites, plan: ContractionPlan) -> torch.Tensor:
@@ -110,8 +129,13 @@ def contract(x: torch.Tensor, cores: list[torch.Tensor], sites: Sites, plan: Con
     m = math.prod(mj for mj, _ in sites)
     if x.shape[-1] != n:
         raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={n}")
-    state = x.reshape(-1, *(nj for _, nj in sites))  # (B, n_1..n_k)
+    state = x.reshape(-1)  # canonical labels (B, n_1..n_k), flattened
     for st in plan.steps:
-        state = torch.einsum(state, list(st.state_labels), cores[st.core], list(st.core_labels), list(st.out_labels))
-    # final labels: (B, bond_0=1, m_1..m_k, bond_k=1)
+        a = cores[st.core].permute(st.core_perm).reshape(st.p, st.q)  # (P, Q), small
+        z = state.numel() // (st.q * st.r)
+        if st.r == 1:
+            state = state.reshape(z, st.q) @ a.T  # (Z, P): one GEMM
+        else:
+            state = torch.matmul(a, state.reshape(z, st.q, st.r))  # (Z, P, R)
+    # final canonical labels: (B, bond_0=1, m_1..m_k, bond_k=1)
     return state.reshape(*lead, m)

@@ -123,7 +123,7 @@ def decompose(
         mat = rest.reshape(rank * mi * ni, -1)  # (r_{i-1} m_i n_i, remaining sites)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         keep = _keep_rank(s, chis[i], max_discard_sq)
-        discarded.append(s[keep:].to(weight.dtype))
+        discarded.append(s[keep:])  # kept in compute precision so truncation_error stays exact
         cores.append(u[:, :keep].reshape(rank, mi, ni, keep).to(weight.dtype))
         rest = s[:keep, None] * vh[:keep]  # (r_i, remaining sites)
         rank = keep

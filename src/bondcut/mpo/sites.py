@@ -64,7 +64,7 @@ def lowrank_sites(m: int, n: int) -> Sites:
 
 
 def default_num_sites(m: int, n: int) -> int:
-    """Site count by size: 2 up to ~16M entries (e.g. 4096x4096), 3 up to ~1G, more beyond; clamped to 2..5."""
+    """Site count by size: 2 below 2^24 entries (e.g. 2048x4096), 3 from 2^24 (4096x4096) to 2^30, then more (<= 5)."""
     return max(2, min(5, int(math.log2(m * n)) // 6 - 1))
 
 
