@@ -96,3 +96,14 @@ class CpuContention:
             return float("nan")
         idle = fields[3] + fields[4]  # idle + iowait
         return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def base_parser(description: str, out_name: str):
+    """An argparse parser with the options every benchmark takes: --model, --threads, --out."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="smollm2-135m", help="alias or HF directory (default: smollm2-135m)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / out_name, help="JSON path; a PNG goes beside it")
+    return parser

@@ -29,14 +29,21 @@ is a sum of Kronecker products, which fits these trained weights worse than plai
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import time
 from pathlib import Path
 
 import torch
-from _common import MODULE_TYPES, RESULTS_DIR, CpuContention, environment, module_type, summarize, write_json
+from _common import (
+    MODULE_TYPES,
+    CpuContention,
+    base_parser,
+    environment,
+    module_type,
+    summarize,
+    write_json,
+)
 
 from bondcut.config import CompressConfig
 from bondcut.models import load_model
@@ -249,13 +256,10 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="alias or HF directory (default: smollm2-135m)")
+    parser = base_parser(__doc__.split("\n")[0], "decompose.json")
     parser.add_argument("--fraction", type=float, default=0.5, help="kept parameter fraction per matrix")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--tensorly-backend", choices=["pytorch", "numpy"], default="pytorch")
     parser.add_argument("--limit", type=int, default=None, help="only the first N matrices (quick check)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "decompose.json", help="JSON path; PNG beside it")
     args = parser.parse_args()
 
     import tensorly

@@ -40,7 +40,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, CpuContention, environment, module_type, summarize, write_json
+from _common import CpuContention, base_parser, environment, module_type, summarize, write_json
 from torch import nn
 
 import bondcut
@@ -249,18 +249,15 @@ def plot(layers: list[dict], model: dict | None, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="alias or HF directory (default: smollm2-135m)")
+    parser = base_parser(__doc__.split("\n")[0], "forward.json")
     parser.add_argument("--fraction", type=float, default=0.5, help="kept parameter fraction (default 0.5)")
     parser.add_argument("--tokens", type=int, default=512, help="sequence length of the 1 x T batch")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed layer calls before timing")
     parser.add_argument("--repeats", type=int, default=30, help="timed layer calls (>= 20)")
     parser.add_argument("--model-warmup", type=int, default=2, help="untimed whole-model forwards per variant")
     parser.add_argument("--model-repeats", type=int, default=20, help="timed whole-model forwards per variant")
     parser.add_argument("--profile-shape", default="1536x576", help="shape of the profiled balanced MPO layer")
     parser.add_argument("--skip-model", action="store_true", help="layers and profile only")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "forward.json", help="JSON path; PNG beside it")
     args = parser.parse_args()
     if args.repeats < 20:
         parser.error(f"--repeats must be >= 20 for stable medians, got {args.repeats}")

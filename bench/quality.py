@@ -9,13 +9,11 @@ Run: ``python bench/quality.py`` (~5 min on 2 cores). Writes bench/results/quali
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, environment, write_json
+from _common import base_parser, environment, write_json
 
 import bondcut
 from bondcut.corpus import split_text
@@ -23,12 +21,9 @@ from bondcut.perplexity import perplexity
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = base_parser(__doc__.split("\n")[0], "quality.json")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quality.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -11,7 +11,6 @@ Run: ``python bench/roundtrip.py`` (~2 min on 2 cores). Writes bench/results/rou
 
 from __future__ import annotations
 
-import argparse
 import copy
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, environment, write_json
+from _common import base_parser, environment, write_json
 
 import bondcut
 from bondcut.corpus import split_text
@@ -55,11 +54,8 @@ def reload_diff(model, tokenizer, ids, reference) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = base_parser(__doc__.split("\n")[0], "roundtrip.json")
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "roundtrip.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

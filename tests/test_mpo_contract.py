@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
 from torch.utils._python_dispatch import TorchDispatchMode
+
 from bondcut.mpo import balanced_sites, decompose, lowrank_sites, plan_contraction
 from bondcut.mpo_linear import MPOLinear
 

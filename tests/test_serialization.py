@@ -1,7 +1,6 @@
 """Save/load the Hugging Face way: fresh-process reload, tied embeddings, atomic writes, export_dense."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, Gemma3TextConfig, OPTConfig
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, OPTConfig
 
 import bondcut
 from bondcut import CompressConfig, MPOLinear

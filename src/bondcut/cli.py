@@ -64,6 +64,7 @@ def compress(
     import transformers
 
     import bondcut
+
     from .sizes import directory_weight_bytes
 
     transformers.utils.logging.disable_progress_bar()

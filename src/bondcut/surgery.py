@@ -13,7 +13,7 @@ from torch import nn
 
 from .architectures import TargetMatch, find_targets
 from .config import CompressConfig
-from .mpo import bond_dims_for_chi, chi_for_fraction, decompose, max_bond_dims, mpo_num_params, resolve_sites
+from .mpo import bond_dims_for_chi, chi_for_fraction, decompose, mpo_num_params, resolve_sites
 from .mpo_linear import MPOLinear
 from .patterns import matches, select
 
