@@ -6,7 +6,7 @@ Measures, in one run:
 - ``compress(ratio=0.5)`` (default balanced layout) and ``ratio=0.5, sites="lowrank"``: wall time, params, and
   the save -> fresh ``from_pretrained`` reload max |logits diff| (target <= 1e-5), file sizes.
 
-Run: ``python bench/roundtrip.py`` (~2 min on 2 cores). Writes bench/results/roundtrip.json.
+Run: ``python bench/roundtrip.py`` (~17 min on 2 cores; the fp64 full-chi forward alone takes ~10). Writes bench/results/roundtrip.json.
 """
 
 from __future__ import annotations
