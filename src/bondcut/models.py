@@ -152,8 +152,6 @@ def load_model(name: str | Path, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import hf_integration  # noqa: F401  (registers the MPO loader with transformers)
-
     path = resolve_model(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model.eval()

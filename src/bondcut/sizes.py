@@ -5,17 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from torch import nn
-
 
 def directory_weight_bytes(path: str | os.PathLike) -> int:
     """Bytes of the weight files (``*.safetensors``, ``*.bin``) in a model directory."""
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin"))
-
-
-def unique_param_count(model: nn.Module) -> int:
-    """Parameters counted once even when shared (tied embeddings)."""
-    return sum(p.numel() for p in model.parameters())  # nn.Module.parameters() already de-duplicates
 
 
 def percent_removed(before: int, after: int) -> float:
