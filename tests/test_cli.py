@@ -57,3 +57,23 @@ def test_existing_output_is_not_overwritten(compressed_dir):
     out, _ = compressed_dir
     result = runner.invoke(app, ["compress", "smollm2-135m", "--chi", "4", "--out", str(out)])
     assert result.exit_code == 2 and "--overwrite" in result.output
+
+
+def test_eval_reports_heldout_perplexity_and_generations(compressed_dir, tmp_path):
+    out = tmp_path / "report.json"
+    result = runner.invoke(app, ["eval", "smollm2-135m", "--max-tokens", "600", "--context", "256", "--stride", "128", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert 10 < report["perplexity"]["perplexity"] < 80 and report["perplexity"]["tokens_scored"] == 599
+    assert "Paris" in report["generations"]["The capital of France is"]
+    compressed, _ = compressed_dir
+    result = runner.invoke(app, ["eval", str(compressed), "--max-tokens", "300", "--context", "256", "--stride", "256"])
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output
+
+
+def test_eval_bad_window_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["eval", "smollm2-135m", "--context", "128", "--stride", "256"])
+    assert result.exit_code == 2 and "stride must be" in " ".join(result.output.split())
+    result = runner.invoke(app, ["eval", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "not found" in " ".join(result.output.split())

@@ -133,6 +133,49 @@ def info(directory: Annotated[Path, typer.Argument(help="a directory written by 
     console.print(table)
 
 
+@app.command(name="eval")
+def eval_command(
+    model: Annotated[str, typer.Argument(help="a bondcut directory, HF directory, .gguf file or alias")],
+    context: Annotated[int, typer.Option(help="perplexity window length in tokens")] = 512,
+    stride: Annotated[int, typer.Option(help="tokens the window moves by")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="held-out tokens to score")] = 8192,
+    out: Annotated[Optional[Path], typer.Option(help="write the report as JSON here")] = None,
+) -> None:
+    """Held-out perplexity and greedy generations of a model (original or compressed)."""
+    from .models import ModelNotFoundError, resolve_model
+
+    try:
+        source = resolve_model(model)
+    except ModelNotFoundError as err:
+        _fail(str(err))
+    import transformers
+
+    import bondcut
+    from .evaluate import evaluate
+
+    transformers.utils.logging.disable_progress_bar()
+    with console.status(f"loading {model}"):
+        net, tokenizer = bondcut.load(source)
+    with Progress(TextColumn("[bold]perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} windows"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:  # fmt: skip
+        task = progress.add_task("", total=None)
+        try:
+            report = evaluate(net, tokenizer, context=context, stride=stride, max_tokens=max_tokens,
+                              on_window=lambda done, total: progress.update(task, completed=done, total=total))  # fmt: skip
+        except ValueError as err:
+            _fail(str(err))
+    ppl = report.perplexity
+    console.print(f"perplexity {ppl['perplexity']:.3f} on {ppl['tokens_scored']:,} tokens of {report.corpus} "
+                  f"(context {ppl['context']}, stride {ppl['stride']})")  # fmt: skip
+    for prompt, text in report.generations.items():
+        console.print(f"[bold]{prompt}[/]{text}")
+    if out is not None:
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps({"model": str(model), **report.to_dict()}, indent=1))
+        tmp.replace(out)
+        console.print(f"wrote {out}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -1,0 +1,62 @@
+"""Quality report of one model: held-out perplexity on the shipped corpus and greedy generations.
+
+The first pieces of ``bondcut eval`` (issue 4); zero-shot lm-eval tasks and speed figures come next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .corpus import split_text
+from .perplexity import perplexity
+
+PROMPTS = (
+    "The capital of France is",
+    "In 1961 the city council voted to",
+    "The most important thing about a good book is",
+)
+
+
+@dataclass
+class EvalReport:
+    """Perplexity (with its context, stride and token count) and prompt -> greedy continuation."""
+
+    perplexity: dict
+    corpus: str
+    generations: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def generate_greedy(model, tokenizer, prompts: tuple[str, ...] = PROMPTS, max_new_tokens: int = 16) -> dict[str, str]:
+    """Greedy continuation of each prompt (deterministic), decoded without the prompt."""
+    out = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            tokens = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out[prompt] = tokenizer.decode(tokens[0, ids.shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def evaluate(
+    model,
+    tokenizer,
+    context: int = 512,
+    stride: int = 256,
+    max_tokens: int | None = 8192,
+    genres: str = "a",
+    on_window: Callable[[int, int], None] | None = None,
+) -> EvalReport:
+    """Held-out perplexity (Brown corpus, genres ``genres``; default press reportage) and generations."""
+    ppl = perplexity(model, tokenizer, split_text("heldout", genres=genres), context=context, stride=stride,
+                     max_tokens=max_tokens, on_window=on_window)  # fmt: skip
+    return EvalReport(
+        perplexity=ppl.to_dict(),
+        corpus=f"brown heldout genres={genres}",
+        generations=generate_greedy(model, tokenizer),
+    )
