@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from bondcut.cache import atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # nn.Linear name suffix -> short module type, in the order used in tables and plots
@@ -58,11 +60,7 @@ def environment(threads: int) -> dict:
 
 def write_json(path: Path, data: dict) -> Path:
     """Write ``data`` as indented JSON (via a .tmp file, so a killed run never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 class CpuContention:

@@ -33,6 +33,27 @@ def _parse_sites(sites: str) -> int | str:
         _fail(f"--sites must be 'auto', 'lowrank' or a number of sites such as 3, got {sites!r}")
 
 
+def _resolve(model: str) -> Path:
+    """The HF directory for a model name, or a clear CLI error."""
+    from .models import ModelNotFoundError, resolve_model
+
+    try:
+        return resolve_model(model)
+    except ModelNotFoundError as err:
+        _fail(str(err))
+
+
+def _load(model: str, source: Path):
+    """(model, tokenizer) from a resolved directory, quietly (no transformers progress bars)."""
+    import transformers
+
+    import bondcut
+
+    transformers.utils.logging.disable_progress_bar()
+    with console.status(f"loading {model}"):
+        return bondcut.load(source)
+
+
 @app.command()
 def compress(
     model: Annotated[str, typer.Argument(help="HF directory, .gguf file, or alias (smollm2-135m, gemma3-270m)")],
@@ -47,8 +68,10 @@ def compress(
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """Replace the self-attention and MLP matrices by MPOs and save the model."""
+    import bondcut
+
     from .config import CompressConfig
-    from .models import ModelNotFoundError, resolve_model
+    from .sizes import directory_weight_bytes
 
     if out.exists() and not overwrite:
         _fail(f"{out} already exists; pass --overwrite or choose another --out")
@@ -57,20 +80,10 @@ def compress(
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
             exclude=exclude or [], modules=modules,
         )  # fmt: skip
-        source = resolve_model(model)
-    except (ValueError, ModelNotFoundError) as err:
+    except ValueError as err:
         _fail(str(err))
-
-    import transformers
-
-    import bondcut
-
-    from .sizes import directory_weight_bytes
-
-    transformers.utils.logging.disable_progress_bar()
-
-    with console.status(f"loading {model}"):
-        net, tokenizer = bondcut.load(source)
+    source = _resolve(model)
+    net, tokenizer = _load(model, source)
     with Progress(
         TextColumn("[bold]compressing"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -142,20 +155,10 @@ def eval_command(
     out: Annotated[Optional[Path], typer.Option(help="write the report as JSON here")] = None,
 ) -> None:
     """Held-out perplexity and greedy generations of a model (original or compressed)."""
-    from .models import ModelNotFoundError, resolve_model
-
-    try:
-        source = resolve_model(model)
-    except ModelNotFoundError as err:
-        _fail(str(err))
-    import transformers
-
-    import bondcut
+    from .cache import atomic_write_text
     from .evaluate import evaluate
 
-    transformers.utils.logging.disable_progress_bar()
-    with console.status(f"loading {model}"):
-        net, tokenizer = bondcut.load(source)
+    net, tokenizer = _load(model, _resolve(model))
     with Progress(TextColumn("[bold]perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} windows"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:  # fmt: skip
         task = progress.add_task("", total=None)
@@ -170,9 +173,7 @@ def eval_command(
     for prompt, text in report.generations.items():
         console.print(f"[bold]{prompt}[/]{text}")
     if out is not None:
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps({"model": str(model), **report.to_dict()}, indent=1))
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps({"model": str(model), **report.to_dict()}, indent=1))
         console.print(f"wrote {out}")
 
 

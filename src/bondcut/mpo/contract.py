@@ -18,6 +18,7 @@ import torch
 
 from .sites import Sites
 
+
 @dataclass(frozen=True)
 class ContractionStep:
     """Absorb ``core`` as one matmul: state viewed as (Z, Q, R) times the core viewed as A (P, Q) -> (Z, P, R).
