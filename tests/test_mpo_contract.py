@@ -107,7 +107,7 @@ def test_small_chi_kronecker_layout_is_cheaper_than_dense():
 
 
 class _RecordOutputSizes(TorchDispatchMode):
-    """Records the element count of every tensor any aten op produces."""
+    """Records the storage size (in elements) of every tensor any aten op produces: views add nothing new."""
 
     def __init__(self):
         super().__init__()
@@ -115,7 +115,8 @@ class _RecordOutputSizes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.sizes.extend(t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        tensors = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.sizes.extend(t.untyped_storage().nbytes() // t.element_size() for t in tensors)
         return out
 
 
@@ -130,8 +131,12 @@ def test_forward_never_builds_the_dense_matrix(monkeypatch, sites):
         raise AssertionError("forward built the dense matrix")
 
     monkeypatch.setattr("bondcut.mpo_linear.cores_to_dense", forbidden)
-    with torch.no_grad(), _RecordOutputSizes() as recorder:
-        y = layer(x)
+    monkeypatch.setattr("bondcut.mpo_linear.merge_cores", forbidden)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # training path: never merges
+    with torch.no_grad():
+        layer(x)  # the first inference call lays the cores out for the plan, once
+        with _RecordOutputSizes() as recorder:
+            y = layer(x)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     assert recorder.sizes and max(recorder.sizes) < 96 * 64 // 4  # every intermediate is far smaller than W
 
@@ -166,3 +171,40 @@ def test_gradients_flow_to_the_cores():
     layer = MPOLinear.from_mpo(decompose(torch.randn(12, 8), sites=2, chi=3), bias=torch.zeros(12))
     layer(torch.randn(5, 8)).pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("sites", [3, 4])
+def test_merged_inference_is_exact_and_training_uses_the_cores(sites):
+    torch.manual_seed(1)
+    layer = MPOLinear.from_mpo(decompose(torch.randn(96, 64, dtype=torch.float64), sites=sites, chi=5),
+                               bias=torch.randn(96, dtype=torch.float64))  # fmt: skip
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    expected = x @ layer.to_dense().T + layer.bias
+    k = len(layer.sites)
+    for merge in [(k,), (1, k - 1), (k - 1, 1), (1,) * k]:
+        layer.set_merge(merge)
+        assert len(layer.merged_layout()[0]) == len(merge)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    layer.set_merge((k,))
+    layer(x).sum().backward()  # grad enabled and cores trainable: the cores themselves get gradients
+    assert all(c.grad is not None for c in layer.cores)
+    with pytest.raises(ValueError, match="merge must split"):
+        layer.set_merge((k + 1,))
+
+
+def test_inference_cache_follows_core_updates_and_saves_contiguous():
+    torch.manual_seed(2)
+    layer = MPOLinear.from_mpo(decompose(torch.randn(24, 36), sites=((4, 6), (6, 6)), chi=4))
+    x = torch.randn(5, 36)
+    with torch.no_grad():
+        layer(x)
+        layer.cores[0].mul_(2.0)  # e.g. an optimizer step: the cached step matrices must not go stale
+        torch.testing.assert_close(layer(x), x @ layer.to_dense().T)
+    layer.set_merge((2,))
+    with torch.no_grad():
+        before = layer(x)
+        layer.cores[1].mul_(0.5)
+        torch.testing.assert_close(layer(x), before * 0.5)
+    for name, value in layer.state_dict().items():
+        torch.testing.assert_close(value.contiguous(), dict(layer.named_parameters())[name].detach())

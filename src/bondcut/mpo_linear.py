@@ -3,6 +3,11 @@
 The forward contracts the input with the cores in the order chosen by
 :func:`bondcut.mpo.plan_contraction` (fewest FLOPs for this layer's sites and bonds); the dense weight is
 never built there. ``to_dense`` exists for tests and export.
+
+Execution without gradients (inference) may instead run on *merged* cores: adjacent cores contracted into
+fewer, larger ones (``merge`` gives the group sizes; one group is the dense weight). That is exact, costs
+memory, and can be faster; :mod:`bondcut.tune` picks it per layer by measured latency. Training always runs
+on the cores themselves, so gradients and optimizer state stay MPO-sized.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .mpo import MPO, Sites, contract, cores_to_dense, plan_contraction
+from .mpo import MPO, Sites, apply_steps, contract, cores_to_dense, merge_cores, plan_contraction, step_matrices
 
 
 class MPOLinear(nn.Module):
@@ -45,6 +50,8 @@ class MPOLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype)) if bias else None
         self.plan = plan_contraction(self.sites, self.bond_dims)
+        self.merge: tuple[int, ...] = (1,) * len(self.sites)  # group sizes of merged cores used for inference
+        self._inference: tuple | None = None  # (key, step matrices, plan) cached for gradient-free forwards
 
     @classmethod
     def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, source_kind: str = "linear") -> MPOLinear:
@@ -61,8 +68,60 @@ class MPOLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = contract(x, list(self.cores), self.sites, self.plan)  # (..., out_features)
+        if torch.is_grad_enabled() and any(c.requires_grad for c in self.cores):
+            y = contract(x, list(self.cores), self.sites, self.plan)  # (..., out_features), differentiable
+        else:
+            matrices, plan = self._inference_matrices()
+            y = apply_steps(x, matrices, plan, self.in_features, self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def set_merge(self, merge: Sequence[int]) -> None:
+        """Run inference on cores merged in consecutive groups of these sizes, e.g. (2, 1); (k,) is dense."""
+        merge = tuple(int(g) for g in merge)
+        if sum(merge) != len(self.sites) or min(merge) < 1:
+            raise ValueError(f"merge must split {len(self.sites)} cores into groups of >= 1, got {merge}")
+        self.merge = merge
+        self._inference = None
+
+    def merged_layout(self, merge: Sequence[int] | None = None) -> tuple[Sites, tuple[int, ...]]:
+        """Sites and bond dims after merging the cores in groups of ``merge`` (default: the current merge)."""
+        merge = self.merge if merge is None else tuple(merge)
+        sites, bonds, start = [], [], 0
+        for size in merge:
+            group = self.sites[start : start + size]
+            sites.append((math.prod(a for a, _ in group), math.prod(b for _, b in group)))
+            start += size
+            if start < len(self.sites):
+                bonds.append(self.bond_dims[start - 1])
+        return tuple(sites), tuple(bonds)
+
+    def _inference_matrices(self) -> tuple[list[torch.Tensor], object]:
+        """The step matrices for gradient-free forwards, rebuilt only when the cores changed."""
+        key = (self.merge, tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in self.cores))
+        if self._inference is not None and self._inference[0] == key:
+            return self._inference[1], self._inference[2]
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable later under autograd
+            if self.merge == (1,) * len(self.sites):
+                self._lay_out_cores_for_plan()
+                key = (self.merge, tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in self.cores))
+                cores, plan = list(self.cores), self.plan
+            else:
+                groups, start = [], 0
+                for size in self.merge:
+                    groups.append(merge_cores(list(self.cores[start : start + size])))
+                    start += size
+                cores, plan = groups, plan_contraction(*self.merged_layout())
+            matrices = [m.detach() for m in step_matrices(cores, plan)]
+        self._inference = (key, matrices, plan)
+        return matrices, plan
+
+    def _lay_out_cores_for_plan(self) -> None:
+        """Store each core so that its step matrix is a view: no per-forward copy and no second copy kept."""
+        for st in self.plan.steps:
+            core = self.cores[st.core]
+            if not core.permute(st.core_perm).is_contiguous():
+                inverse = tuple(sorted(range(4), key=lambda d: st.core_perm[d]))
+                core.data = core.data.permute(st.core_perm).contiguous().permute(inverse)
 
     @property
     def num_params(self) -> int:
@@ -92,4 +151,5 @@ class MPOLinear(nn.Module):
         return (
             f"out_features={self.out_features}, in_features={self.in_features}, sites={list(self.sites)}, "
             f"bond_dims={list(self.bond_dims)}, bias={self.bias is not None}, contraction_order={self.plan.order}"
+            + ("" if self.merge == (1,) * len(self.sites) else f", inference_merge={list(self.merge)}")
         )

@@ -1,7 +1,7 @@
 """The MPO math: site layouts, TT-SVD, and planned contraction. Pure functions on tensors."""
 
-from .contract import ContractionPlan, contract, plan_contraction
-from .decompose import MPO, cores_to_dense, decompose
+from .contract import ContractionPlan, apply_steps, contract, plan_contraction, step_matrices
+from .decompose import MPO, cores_to_dense, decompose, merge_cores
 from .sites import (
     SiteLayoutError,
     Sites,
@@ -19,6 +19,7 @@ __all__ = [
     "ContractionPlan",
     "SiteLayoutError",
     "Sites",
+    "apply_steps",
     "balanced_sites",
     "bond_dims_for_chi",
     "chi_for_fraction",
@@ -27,7 +28,9 @@ __all__ = [
     "decompose",
     "lowrank_sites",
     "max_bond_dims",
+    "merge_cores",
     "mpo_num_params",
     "plan_contraction",
     "resolve_sites",
+    "step_matrices",
 ]

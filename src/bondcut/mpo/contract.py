@@ -90,20 +90,29 @@ def plan_contraction(sites: Sites, bond_dims: tuple[int, ...]) -> ContractionPla
     return ContractionPlan(order=tuple(st.core for st in steps), steps=steps, flops_per_token=total)
 
 
-def contract(x: torch.Tensor, cores: list[torch.Tensor], sites: Sites, plan: ContractionPlan) -> torch.Tensor:
-    """y = x @ W^T for the MPO W given by ``cores``, never forming W. x: (..., n) -> (..., m)."""
-    lead = x.shape[:-1]
-    n = math.prod(nj for _, nj in sites)
-    m = math.prod(mj for mj, _ in sites)
+def step_matrices(cores: list[torch.Tensor], plan: ContractionPlan) -> list[torch.Tensor]:
+    """Each step's core as its (P, Q) matrix, in plan order (a view where the permutation allows, else a copy)."""
+    return [cores[st.core].permute(st.core_perm).reshape(st.p, st.q) for st in plan.steps]
+
+
+def apply_steps(x: torch.Tensor, matrices: list[torch.Tensor], plan: ContractionPlan, n: int, m: int) -> torch.Tensor:
+    """y = x @ W^T from the plan's step matrices (see :func:`step_matrices`). x: (..., n) -> (..., m)."""
     if x.shape[-1] != n:
         raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={n}")
+    lead = x.shape[:-1]
     state = x.reshape(-1)  # canonical labels (B, n_1..n_k), flattened
-    for st in plan.steps:
-        a = cores[st.core].permute(st.core_perm).reshape(st.p, st.q)  # (P, Q), small
+    for st, a in zip(plan.steps, matrices):
         z = state.numel() // (st.q * st.r)
         if st.r == 1:
-            state = state.reshape(z, st.q) @ a.T  # (Z, P): one GEMM
+            state = torch.nn.functional.linear(state.reshape(z, st.q), a)  # (Z, P): one GEMM
         else:
             state = torch.matmul(a, state.reshape(z, st.q, st.r))  # (Z, P, R)
     # final canonical labels: (B, bond_0=1, m_1..m_k, bond_k=1)
     return state.reshape(*lead, m)
+
+
+def contract(x: torch.Tensor, cores: list[torch.Tensor], sites: Sites, plan: ContractionPlan) -> torch.Tensor:
+    """y = x @ W^T for the MPO W given by ``cores``, never forming W. x: (..., n) -> (..., m)."""
+    n = math.prod(nj for _, nj in sites)
+    m = math.prod(mj for mj, _ in sites)
+    return apply_steps(x, step_matrices(cores, plan), plan, n, m)

@@ -53,17 +53,22 @@ class MPO:
         return f"MPO(shape={m}x{n}, sites={list(self.sites)}, bond_dims={list(self.bond_dims)}, params={self.num_params})"
 
 
-def cores_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Contract cores (r, m_i, n_i, r') into the dense (prod m_i x prod n_i) matrix."""
+def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract a run of adjacent cores into one core (r_first, prod m_i, prod n_i, r_last): exact, fewer sites."""
     if not cores:
         raise ValueError("an MPO needs at least one core")
-    acc = cores[0]  # (1, M, N, r) with M, N the merged row/col indices so far
+    acc = cores[0]  # (r0, M, N, r) with M, N the merged row/col indices so far
     for core in cores[1:]:
-        r0, m_acc, n_acc, r = acc.shape
+        r0, m_acc, n_acc, _ = acc.shape
         _, mi, ni, r1 = core.shape
-        acc = torch.einsum("amnr,rijb->aminjb", acc, core)  # (1, M, m_i, N, n_i, r')
+        acc = torch.einsum("amnr,rijb->aminjb", acc, core)  # (r0, M, m_i, N, n_i, r')
         acc = acc.reshape(r0, m_acc * mi, n_acc * ni, r1)
-    return acc[0, :, :, 0]
+    return acc
+
+
+def cores_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract cores (r, m_i, n_i, r') into the dense (prod m_i x prod n_i) matrix."""
+    return merge_cores(cores)[0, :, :, 0]
 
 
 def _keep_rank(s: torch.Tensor, chi: int | None, max_discard_sq: float | None) -> int:
