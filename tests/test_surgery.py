@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, OPTConfig
 
 import bondcut
@@ -116,3 +117,25 @@ def test_unknown_architecture_lists_supported_ones_and_explicit_modules_work():
         bondcut.compress(model, CompressConfig(chi=4))
     report = bondcut.compress(model, CompressConfig(chi=4, modules=["re:layers\\.0\\.fc[12]$"]))
     assert [r.kind for r in report.layers] == ["custom", "custom"]
+
+
+def test_ratio_keeps_matrices_dense_where_an_mpo_would_save_nothing():
+    from transformers import LlamaConfig
+
+    from bondcut.surgery import break_even_chi, uniform_chi_for_ratio
+
+    model = _tiny(LlamaConfig, hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=1, vocab_size=64)  # fmt: skip
+    report = bondcut.compress(model, CompressConfig(ratio=0.5, sites="lowrank"))
+    dense = [r for r in report.layers if r.kept_dense]
+    assert {r.name.rsplit(".", 1)[-1] for r in dense} == {"k_proj", "v_proj"}  # 16x64: break-even chi 12
+    assert all("break-even" in r.kept_dense and r.params_after == r.params_before for r in dense)
+    for r in report.layers:
+        module = model.get_submodule(r.name)
+        assert isinstance(module, nn.Linear) == bool(r.kept_dense)
+        if not r.kept_dense:
+            assert report.uniform_chi < break_even_chi(tuple(map(tuple, r.sites)))
+    assert report.target_params_after <= 0.5 * report.target_params_before
+    layouts = [((16, 1), (1, 64)), ((256, 1), (1, 64))]
+    chi = uniform_chi_for_ratio(layouts, 0.5)  # 16x64 dense (1024) + chi * 320 <= 0.5 * 17408
+    assert chi == (8704 - 1024) // 320

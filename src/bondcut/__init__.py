@@ -7,6 +7,7 @@ Public API::
     report = bondcut.compress(model, bondcut.CompressConfig(ratio=0.5))
     bondcut.save(model, "smollm2-50", tokenizer=tok)
     model, tok = bondcut.load("smollm2-50")
+    bondcut.tune(model)  # per layer, the fastest exact way to run inference on this machine
 
 Importing bondcut registers its MPO format with transformers, so ``AutoModelForCausalLM.from_pretrained``
 reloads saved directories. Optional heavy libraries (lm_eval, matplotlib) are imported only where used.
@@ -18,7 +19,18 @@ from .models import resolve_model
 from .mpo_linear import MPOLinear
 from .serialization import export_dense, load, save
 from .surgery import CompressionReport, compress
+from .tune import tune
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressConfig", "CompressionReport", "MPOLinear", "compress", "export_dense", "load", "resolve_model", "save"]
+__all__ = [
+    "CompressConfig",
+    "CompressionReport",
+    "MPOLinear",
+    "compress",
+    "export_dense",
+    "load",
+    "resolve_model",
+    "save",
+    "tune",
+]

@@ -34,6 +34,7 @@ class LayerReport:
     params_after: int
     rel_error: float  # ||W - W_hat||_F / ||W||_F, from the discarded singular values
     seconds: float
+    kept_dense: str = ""  # why the matrix was left as it was (empty when it became an MPO)
 
 
 @dataclass
@@ -117,18 +118,19 @@ def break_even_chi(sites: tuple) -> int:
 def uniform_chi_for_ratio(layouts: list[tuple], ratio: float) -> int:
     """Largest single chi for all layers whose MPOs hold at most ``ratio`` of the layers' dense parameters.
 
-    Each layer's chi is capped at its break-even chi (:func:`break_even_chi`), so a small matrix never
-    becomes larger than it was dense while the big ones take the shared chi.
+    A layer whose chi would reach its break-even chi (:func:`break_even_chi`) stays dense and counts at its
+    dense size: an MPO that saves nothing would only lose accuracy and speed.
     """
-    dense = sum(math.prod(a for a, _ in s) * math.prod(b for _, b in s) for s in layouts)
-    budget = ratio * dense
+    sizes = [math.prod(a for a, _ in s) * math.prod(b for _, b in s) for s in layouts]
+    budget = ratio * sum(sizes)
     caps = [break_even_chi(s) for s in layouts]
 
     def total(chi: int) -> int:
-        return sum(mpo_num_params(s, bond_dims_for_chi(s, min(chi, cap))) for s, cap in zip(layouts, caps))
+        return sum(size if chi >= cap else mpo_num_params(s, bond_dims_for_chi(s, chi))
+                   for s, cap, size in zip(layouts, caps, sizes))  # fmt: skip
 
     if total(1) > budget:
-        raise ValueError(f"ratio {ratio} is below what chi=1 gives ({total(1) / dense:.4f}); raise it")
+        raise ValueError(f"ratio {ratio} is below what chi=1 gives ({total(1) / sum(sizes):.4f}); raise it")
     lo, hi = 1, max(caps)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -162,12 +164,18 @@ def compress(
         start = time.perf_counter()
         module, weight = modules[target.name], weights[target.name]
         layout = layouts[target.name]
-        if config.ratio is not None:
-            chi = min(report.uniform_chi, break_even_chi(layout))
-        else:
-            chi = _chi_for(config, target.name)
-        mpo = decompose(weight, sites=layout, chi=chi, tol=config.tol)
         bias = getattr(module, "bias", None)
+        params_before = weight.numel() + (0 if bias is None else bias.numel())
+        chi = report.uniform_chi if config.ratio is not None else _chi_for(config, target.name)
+        if config.ratio is not None and chi >= break_even_chi(layout):
+            reason = f"chi {chi} >= break-even chi {break_even_chi(layout)}: an MPO would save nothing"
+            layer_report = LayerReport(target.name, target.kind, target.block, tuple(weight.shape), [], [],
+                                       params_before, params_before, 0.0, time.perf_counter() - start, reason)  # fmt: skip
+            report.layers.append(layer_report)
+            if on_layer is not None:
+                on_layer(layer_report, index, len(targets))
+            continue
+        mpo = decompose(weight, sites=layout, chi=chi, tol=config.tol)
         kind = "conv1d" if type(module).__name__ == "Conv1D" else "linear"
         layer = MPOLinear.from_mpo(mpo, bias=None if bias is None else bias.detach(), source_kind=kind)
         set_submodule(model, target.name, layer)
@@ -179,7 +187,7 @@ def compress(
             shape=tuple(weight.shape),
             sites=[list(s) for s in mpo.sites],
             bond_dims=list(mpo.bond_dims),
-            params_before=weight.numel() + (0 if bias is None else bias.numel()),
+            params_before=params_before,
             params_after=layer.num_params,
             rel_error=mpo.truncation_error / norm if norm else 0.0,
             seconds=time.perf_counter() - start,
