@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -58,13 +58,13 @@ def _load(model: str, source: Path):
 def compress(
     model: Annotated[str, typer.Argument(help="HF directory, .gguf file, or alias (smollm2-135m, gemma3-270m)")],
     out: Annotated[Path, typer.Option("--out", help="directory to write the compressed model to")],
-    chi: Annotated[Optional[int], typer.Option(help="max bond dimension for every layer")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="fraction of SA+MLP parameters to keep, e.g. 0.5")] = None,
-    tol: Annotated[Optional[float], typer.Option(help="relative Frobenius error per matrix")] = None,
+    chi: Annotated[int | None, typer.Option(help="max bond dimension for every layer")] = None,
+    ratio: Annotated[float | None, typer.Option(help="fraction of SA+MLP parameters to keep, e.g. 0.5")] = None,
+    tol: Annotated[float | None, typer.Option(help="relative Frobenius error per matrix")] = None,
     sites: Annotated[str, typer.Option(help="'auto', 'lowrank' or a number of sites")] = "auto",
-    include: Annotated[Optional[list[str]], typer.Option(help="only these modules (name, glob or re:regex)")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="skip these modules (name, glob or re:regex)")] = None,
-    modules: Annotated[Optional[list[str]], typer.Option(help="explicit modules, for unsupported architectures")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="only these modules (name, glob or re:regex)")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="skip these modules (name, glob or re:regex)")] = None,
+    modules: Annotated[list[str] | None, typer.Option(help="explicit modules, for unsupported architectures")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """Replace the self-attention and MLP matrices by MPOs and save the model."""
@@ -101,6 +101,10 @@ def compress(
         bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite,
                      extra_files={"bondcut_report.json": json.dumps(report.to_dict(), indent=1)})  # fmt: skip
     console.print(summary_table(report, directory_weight_bytes(source), directory_weight_bytes(out)))
+    dense = [layer for layer in report.layers if layer.kept_dense]
+    if dense:
+        names = ", ".join(d.name for d in dense[:4]) + (", ..." if len(dense) > 4 else "")
+        console.print(f"{len(dense)} matrices kept dense ({dense[0].kept_dense}): {names} (all in bondcut_report.json)")
     console.print(f"saved to {out}")
 
 
@@ -146,25 +150,76 @@ def info(directory: Annotated[Path, typer.Argument(help="a directory written by 
     console.print(table)
 
 
+_TASKS_HELP = "zero-shot tasks (lm-eval), comma separated or repeated: brown_cloze, brown_lastword, or all"
+
+
+def _parse_tasks(values: list[str] | None) -> tuple[str, ...]:
+    """``--tasks`` values (repeated and/or comma separated; ``all`` for every task) as checked task names."""
+    from .zeroshot import TASKS, check_tasks
+
+    names = [name.strip() for value in values or () for name in value.split(",") if name.strip()]
+    others = [name for name in dict.fromkeys(names) if name != "all"]
+    try:
+        checked = check_tasks(others) if others else ()
+    except ValueError as err:
+        _fail(str(err))
+    return TASKS if "all" in names else checked
+
+
+def zero_shot_table(results: dict[str, dict]) -> Table:
+    """One row per zero-shot task: items scored, accuracy and length-normalized accuracy with stderr."""
+
+    def cell(value: float | None, stderr: float | None) -> str:
+        return "—" if value is None else f"{value:.3f} ± {stderr or 0:.3f}"
+
+    table = Table(title="zero-shot (lm-eval, acc ± stderr)")
+    for column in ("task", "n", "acc", "acc_norm"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, row in results.items():
+        table.add_row(name, str(row["n"]), cell(row["acc"], row["acc_stderr"]),
+                      cell(row["acc_norm"], row["acc_norm_stderr"]))  # fmt: skip
+    return table
+
+
 @app.command(name="eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="a bondcut directory, HF directory, .gguf file or alias")],
     context: Annotated[int, typer.Option(help="perplexity window length in tokens")] = 512,
     stride: Annotated[int, typer.Option(help="tokens the window moves by")] = 256,
     max_tokens: Annotated[int, typer.Option(help="held-out tokens to score")] = 8192,
-    out: Annotated[Optional[Path], typer.Option(help="write the report as JSON here")] = None,
+    tasks: Annotated[list[str] | None, typer.Option(help=_TASKS_HELP)] = None,
+    task_limit: Annotated[int | None, typer.Option(help="score only the first N items of each task")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
+    fast: Annotated[
+        bool,
+        typer.Option(
+            help="run each MPO layer the fastest exact way measured here, dense included (same numbers, more RAM)"
+        ),
+    ] = True,  # fmt: skip
 ) -> None:
-    """Held-out perplexity and greedy generations of a model (original or compressed)."""
+    """Held-out perplexity, greedy generations and optional zero-shot accuracy of a model (original or compressed)."""
     from .cache import atomic_write_text
     from .evaluate import evaluate
 
+    names = _parse_tasks(tasks)
+    if names and task_limit is not None and task_limit < 1:
+        _fail(f"--task-limit must be a positive number of items, got {task_limit}; e.g. --task-limit 100")
+    import bondcut
+
     net, tokenizer = _load(model, _resolve(model))
-    with Progress(TextColumn("[bold]perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} windows"),
+    if fast and any(isinstance(m, bondcut.MPOLinear) for m in net.modules()):
+        with console.status("choosing each MPO layer's fastest exact inference path"):
+            bondcut.tune(net, allow_dense=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} {task.fields[unit]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:  # fmt: skip
-        task = progress.add_task("", total=None)
+        task = progress.add_task("perplexity", total=None, unit="windows")
+        zs_task = progress.add_task("zero-shot", total=None, unit="requests", visible=bool(names))
         try:
             report = evaluate(net, tokenizer, context=context, stride=stride, max_tokens=max_tokens,
-                              on_window=lambda done, total: progress.update(task, completed=done, total=total))  # fmt: skip
+                              on_window=lambda done, total: progress.update(task, completed=done, total=total),
+                              tasks=names, task_limit=task_limit,
+                              on_request=lambda done, total: progress.update(zs_task, completed=done, total=total))  # fmt: skip
         except ValueError as err:
             _fail(str(err))
     ppl = report.perplexity
@@ -172,9 +227,89 @@ def eval_command(
                   f"(context {ppl['context']}, stride {ppl['stride']})")  # fmt: skip
     for prompt, text in report.generations.items():
         console.print(f"[bold]{prompt}[/]{text}")
+    if report.zero_shot:
+        console.print(zero_shot_table(report.zero_shot))
     if out is not None:
         atomic_write_text(out, json.dumps({"model": str(model), **report.to_dict()}, indent=1))
         console.print(f"wrote {out}")
+
+
+@app.command()
+def bench(
+    models: Annotated[
+        list[str], typer.Argument(help="models to measure: bondcut/HF directories, .gguf files or aliases")
+    ],
+    baseline: Annotated[
+        str | None, typer.Option(help="the original model; every figure is also given as a ratio to it")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="directory for bench.json, report.md and the PNG plots")] = Path(
+        "bench-report"
+    ),
+    repeats: Annotated[int, typer.Option(help="timed repeats per figure (after warm-up)")] = 5,
+    threads: Annotated[int, typer.Option(help="torch threads")] = 2,
+    phases: Annotated[
+        str, typer.Option(help="'inference', 'training' or both, comma-separated")
+    ] = "inference,training",
+    train_params: Annotated[str, typer.Option(help="'all' parameters trainable, or only the 'mpo' cores")] = "all",
+    tune: Annotated[bool, typer.Option(help="pick each MPO layer's inference merge by measured latency first")] = True,
+    allow_dense: Annotated[bool, typer.Option(help="let --tune materialize dense weights (faster, more RAM)")] = False,
+    quick: Annotated[bool, typer.Option(help="tiny shapes and 1 repeat: checks the pipeline, not the machine")] = False,
+) -> None:
+    """Prefill/decode tokens per second, a training step, peak RSS and bytes, with ratios to --baseline."""
+    from .bench import BenchSettings
+    from .bench import bench as run_bench
+    from .report import write_report
+    from .timing import write_json
+
+    for name in [*models, *([baseline] if baseline else [])]:
+        _resolve(name)
+    quick_shapes = {"prefill_tokens": 32, "decode_batches": (1, 2), "decode_new_tokens": 4, "train_batch": 2,
+                    "train_seq": 32, "repeats": 1}  # fmt: skip
+    shapes = quick_shapes if quick else {"repeats": repeats}
+    try:
+        settings = BenchSettings(
+            threads=threads, train_params=train_params, tune=tune, allow_dense=allow_dense, **shapes
+        )
+        with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console) as progress:  # fmt: skip
+            task = progress.add_task("", total=None)
+
+            def on_step(model: str, phase: str, done: int, total: int) -> None:
+                progress.update(task, description=f"{phase} {model}", completed=done, total=total)
+
+            report = run_bench(models, baseline=baseline, settings=settings, phases=phases.split(","), on_step=on_step)
+    except (ValueError, RuntimeError) as err:
+        _fail(str(err))
+    write_json(out / "bench.json", report)
+    markdown = write_report(out, bench=report)
+    for name, ratios in report.get("ratios", {}).items():
+        console.print(f"[bold]{name}[/] vs {baseline}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ratios.items())))
+    console.print(f"wrote {out / 'bench.json'} and {markdown}")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option(help="directory for report.md and its PNG plots")],
+    bench_json: Annotated[Path | None, typer.Option("--bench", help="a bench.json written by bondcut bench")] = None,
+    eval_json: Annotated[
+        list[Path] | None, typer.Option("--eval", help="JSON written by bondcut eval --out (repeat)")
+    ] = None,
+) -> None:
+    """One Markdown report with plots from bench and eval results, models side by side."""
+    from .report import write_report
+
+    def read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            _fail(f"{path} does not exist; write it with `bondcut bench --out DIR` or `bondcut eval MODEL --out FILE`")
+        except json.JSONDecodeError as err:
+            _fail(f"{path} is not JSON ({err}); give the file bondcut bench/eval wrote")
+
+    evals = [read(p) for p in eval_json or []]
+    if bench_json is None and not evals:
+        _fail("nothing to report: give --bench bench.json and/or --eval eval.json (repeatable)")
+    console.print(f"wrote {write_report(out, bench=read(bench_json) if bench_json else None, evals=evals)}")
 
 
 def main() -> None:
