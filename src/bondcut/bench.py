@@ -135,7 +135,7 @@ def measure_inference(source: str, settings: BenchSettings) -> dict:
     start = time.perf_counter()
     model, tokenizer = load_model(source)
     out = {"load_s": time.perf_counter() - start, "rss_after_load_mb": _rss_mb(), **_model_facts(model, source)}
-    if settings.tune:
+    if settings.tune and out["mpo_layers"]:
         from .tune import inference_extra_bytes, tune
 
         start = time.perf_counter()

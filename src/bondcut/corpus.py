@@ -135,6 +135,14 @@ _NO_SPACE_BEFORE = {",", ".", ";", ":", "?", "!", ")", "]", "''", "n't", "'s", "
 _NO_SPACE_AFTER = {"(", "[", "``"}
 
 
+_DOUBLED = {"?", "!", ";", ":"}  # the npm copy ends such sentences twice ("?/. ?/."): keep one
+
+
+def drop_doubled_punctuation(words: list[str]) -> list[str]:
+    """Remove the second of two identical ``? ! ; :`` tokens in a row (a defect of the npm corpus copy)."""
+    return [w for i, w in enumerate(words) if not (i and w in _DOUBLED and words[i - 1] == w)]
+
+
 def detokenize(words: list[str]) -> str:
     """Join Brown tokens into readable text: ```` `` ```` / ``''`` → ``"``, punctuation attached.
 
@@ -144,7 +152,7 @@ def detokenize(words: list[str]) -> str:
     pieces: list[str] = []
     glue = True  # no space before the next token
     single_open = False
-    for word in words:
+    for word in drop_doubled_punctuation(words):
         if word == "." and pieces and pieces[-1].endswith("."):
             continue
         opens = word in _NO_SPACE_AFTER

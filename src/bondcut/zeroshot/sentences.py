@@ -13,10 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..corpus import brown_dir, detokenize, split_files
+from ..corpus import brown_dir, detokenize, drop_doubled_punctuation, split_files
 
 _TERMINALS = {".", "?", "!"}
-_DOUBLED = {"?", "!", ";", ":"}  # the npm copy of the corpus ends such lines twice ("?/. ?/."); keep one
 _CLOSING_QUOTES = {"''", "'"}
 _STARTS_LIKE_A_SENTENCE = re.compile(r'"?[A-Z]')
 
@@ -63,9 +62,7 @@ def read_runs(path: str | Path) -> list[list[Sentence]]:
         if not _is_text(tokens):
             runs.append([])
             continue
-        words = tuple(word for word, _ in tokens)
-        if len(words) > 1 and words[-1] == words[-2] and words[-1] in _DOUBLED:
-            words = words[:-1]
+        words = tuple(drop_doubled_punctuation([word for word, _ in tokens]))
         runs[-1].append(Sentence(file=path.name, line=number, words=words, text=detokenize(list(words))))
     return [run for run in runs if run]
 
