@@ -19,6 +19,10 @@ def _spread(stats: dict | None, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(stats['median'])} ({fmt.format(stats['min'])}–{fmt.format(stats['max'])})"
 
 
+def _mb(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -42,8 +46,8 @@ def bench_markdown(report: dict) -> str:
         row = [name, f"{facts.get('params', 0) / 1e6:.1f} M", f"{facts.get('param_bytes', 0) / MB:.0f}",
                f"{facts.get('disk_bytes', 0) / MB:.0f}", _spread(inf.get("prefill_tokens_per_s"))]  # fmt: skip
         row += [_spread(inf.get(f"decode_b{b}_tokens_per_s")) for b in batches]
-        row += [_spread(train.get("step_s"), "{:.2f}"), f"{inf.get('peak_rss_mb', 0):.0f}",
-                f"{train.get('peak_rss_mb', 0):.0f}", f"{others:.0%}"]  # fmt: skip
+        row += [_spread(train.get("step_s"), "{:.2f}"), _mb(inf.get("peak_rss_mb")), _mb(train.get("peak_rss_mb")),
+                f"{others:.0%}"]  # fmt: skip
         rows.append(row)
     parts = [
         "## Speed and memory",
@@ -108,7 +112,8 @@ def eval_markdown(evals: Sequence[dict]) -> str:
     parts = ["## Quality", setup, "", _table(header, rows), "", "### Greedy generations", ""]
     for e in evals:
         for prompt, text in e.get("generations", {}).items():
-            parts.append(f"- **{e.get('model', '?')}** — *{prompt}*{text}")
+            one_line = text.replace("\n", " ⏎ ")
+            parts.append(f"- **{e.get('model', '?')}** — *{prompt}*{one_line}")
     return "\n".join(parts) + "\n"
 
 
