@@ -1,0 +1,55 @@
+"""Input statistics of chosen layers on calibration text: C = sum_t x_t x_t^T per layer, streamed.
+
+Forward pre-hooks add each batch's X^T X (fp32 matmul, accumulated in fp64) for every named module in one
+pass over the calibration split, so memory is one n x n matrix per layer, not the activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def input_covariances(
+    model: nn.Module,
+    tokenizer,
+    names: Sequence[str],
+    tokens: int = 16384,
+    context: int = 512,
+    text: str | None = None,
+    on_window: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """(name -> sum of x x^T over ``tokens`` calibration tokens (fp64, n x n), tokens seen) for modules ``names``.
+
+    The text defaults to the corpus's calibration split, cut into windows of ``context`` tokens.
+    """
+    from .corpus import split_text
+
+    text = split_text("calibration") if text is None else text
+    ids = tokenizer(text[: tokens * 8], return_tensors="pt").input_ids[0][:tokens]
+    if ids.numel() < context:
+        raise ValueError(f"need at least {context} calibration tokens, got {ids.numel()}")
+    windows = ids[: ids.numel() // context * context].reshape(-1, context)
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def add(module: nn.Module, args) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, n)
+            gram = (x.T @ x).double()
+            sums[name] = gram if name not in sums else sums[name] + gram
+
+        return add
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            for i, window in enumerate(windows):
+                model(window[None])
+                if on_window is not None:
+                    on_window(i + 1, len(windows))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums, windows.numel()
