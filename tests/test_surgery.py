@@ -139,3 +139,26 @@ def test_ratio_keeps_matrices_dense_where_an_mpo_would_save_nothing():
     layouts = [((16, 1), (1, 64)), ((256, 1), (1, 64))]
     chi = uniform_chi_for_ratio(layouts, 0.5)  # 16x64 dense (1024) + chi * 320 <= 0.5 * 17408
     assert chi == (8704 - 1024) // 320
+
+
+def test_activation_aware_compress_lowers_the_output_error_on_real_inputs(trained_model):
+    import copy
+
+    from bondcut.calibration import input_covariances
+    from bondcut.mpo.whiten import output_error
+    from bondcut.surgery import dense_weight
+
+    model, tokenizer = trained_model
+    names = ["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj"]
+    cov, _ = input_covariances(model, tokenizer, names, tokens=1024)
+    errors = {}
+    for tokens in (0, 1024):
+        compressed = copy.deepcopy(model)
+        config = CompressConfig(ratio=0.5, sites="lowrank", include=names, calibration_tokens=tokens)
+        report = bondcut.compress(compressed, config, tokenizer=tokenizer)
+        assert report.target_params_after <= 0.5 * report.target_params_before
+        errors[tokens] = [output_error(dense_weight(model.get_submodule(n)).detach(),
+                                       compressed.get_submodule(n).to_dense().detach(), cov[n]) for n in names]  # fmt: skip
+    assert all(aware < 0.9 * plain for aware, plain in zip(errors[1024], errors[0]))
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        bondcut.compress(copy.deepcopy(model), CompressConfig(ratio=0.5, include=names, calibration_tokens=64))

@@ -66,6 +66,8 @@ def compress(
     exclude: Annotated[list[str] | None, typer.Option(help="skip these modules (name, glob or re:regex)")] = None,
     modules: Annotated[list[str] | None, typer.Option(help="explicit modules, for unsupported architectures")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    calib_tokens: Annotated[int, typer.Option(help="activation-aware: minimize output error on N calibration "
+                                              "tokens (0 = plain TT-SVD)")] = 0,  # fmt: skip
 ) -> None:
     """Replace the self-attention and MLP matrices by MPOs and save the model."""
     import bondcut
@@ -78,7 +80,7 @@ def compress(
     try:
         config = CompressConfig(
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
-            exclude=exclude or [], modules=modules,
+            exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens,
         )  # fmt: skip
     except ValueError as err:
         _fail(str(err))
@@ -94,7 +96,7 @@ def compress(
             progress.update(task, total=total, completed=index + 1, description=f"{layer.name} chi={layer.bond_dims}")
 
         try:
-            report = bondcut.compress(net, config, on_layer=on_layer)
+            report = bondcut.compress(net, config, on_layer=on_layer, tokenizer=tokenizer)
         except ValueError as err:
             _fail(str(err))
     with console.status(f"saving to {out}"):

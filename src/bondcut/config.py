@@ -26,6 +26,9 @@ class CompressConfig:
         include: patterns (exact, glob, or ``re:`` regex) restricting the architecture's SA/MLP matrices.
         exclude: patterns removed from the selection (e.g. ``["re:down_proj$"]``).
         modules: explicit module names or patterns, for architectures not in bondcut's table.
+        calibration_tokens: if > 0, decompose activation-aware: minimize the output error on this many tokens
+            of the corpus's calibration split (needs the tokenizer in :func:`bondcut.compress`); 0 = plain TT-SVD.
+        damping: relative damping of the input statistics before whitening (ill-conditioned inputs).
     """
 
     chi: int | dict[str, int] | None = None
@@ -35,6 +38,8 @@ class CompressConfig:
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     modules: list[str] | None = None
+    calibration_tokens: int = 0
+    damping: float = 1e-2
 
     def __post_init__(self) -> None:
         example = "e.g. CompressConfig(ratio=0.5) or CompressConfig(chi=64)"
@@ -51,6 +56,8 @@ class CompressConfig:
             raise ValueError(f"chi must be a positive int (or a dict of them), got {self.chi!r}")
         if isinstance(self.sites, str) and self.sites not in ("auto", "lowrank"):
             raise ValueError(f"sites must be 'auto', 'lowrank', an int >= 1 or a list of pairs, got {self.sites!r}")
+        if self.calibration_tokens < 0 or self.damping < 0:
+            raise ValueError(f"calibration_tokens and damping must be >= 0, got {self.calibration_tokens}, {self.damping}")
         if isinstance(self.sites, int) and self.sites < 1:
             raise ValueError(f"sites must be >= 1, got {self.sites}")
 

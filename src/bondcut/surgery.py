@@ -14,6 +14,7 @@ from torch import nn
 from .architectures import TargetMatch, find_targets
 from .config import CompressConfig
 from .mpo import bond_dims_for_chi, chi_for_fraction, decompose, mpo_num_params, resolve_sites
+from .mpo.whiten import decompose_whitened
 from .mpo_linear import MPOLinear
 from .patterns import matches, select
 
@@ -142,10 +143,14 @@ def compress(
     model: nn.Module,
     config: CompressConfig,
     on_layer: Callable[[LayerReport, int, int], None] | None = None,
+    tokenizer=None,
 ) -> CompressionReport:
     """Replace the selected SA/MLP matrices of ``model`` by :class:`MPOLinear`, in place.
 
     ``on_layer(report, index, total)`` is called after each layer (the CLI draws its progress bar with it).
+    With ``config.calibration_tokens`` the input statistics of every target are collected first (one pass of
+    the original model over calibration text; ``tokenizer`` required) and each matrix is decomposed
+    activation-aware (:func:`bondcut.mpo.whiten.decompose_whitened`).
     The MPO layout is written to ``model.config.quantization_config`` so :func:`bondcut.save` round-trips.
     """
     from .hf_integration import attach_layout_config
@@ -155,6 +160,14 @@ def compress(
     weights = {name: dense_weight(mod) for name, mod in modules.items()}
     layouts = {name: resolve_sites(*w.shape, config.sites) for name, w in weights.items()}
     report = CompressionReport(model_params_before=sum(p.numel() for p in model.parameters()))
+    covariances = {}
+    if config.calibration_tokens:
+        if tokenizer is None:
+            raise ValueError("activation-aware compression (calibration_tokens > 0) needs the tokenizer: "
+                             "bondcut.compress(model, config, tokenizer=tok)")  # fmt: skip
+        from .calibration import input_covariances
+
+        covariances, _ = input_covariances(model, tokenizer, list(modules), tokens=config.calibration_tokens)
     if config.ratio is not None:
         report.uniform_chi = uniform_chi_for_ratio(list(layouts.values()), config.ratio)
     elif isinstance(config.chi, int):
@@ -175,11 +188,18 @@ def compress(
             if on_layer is not None:
                 on_layer(layer_report, index, len(targets))
             continue
-        mpo = decompose(weight, sites=layout, chi=chi, tol=config.tol)
+        if target.name in covariances:
+            mpo = decompose_whitened(weight, covariances.pop(target.name), sites=layout, chi=chi, tol=config.tol,
+                                     damping=config.damping)  # fmt: skip
+        else:
+            mpo = decompose(weight, sites=layout, chi=chi, tol=config.tol)
         kind = "conv1d" if type(module).__name__ == "Conv1D" else "linear"
         layer = MPOLinear.from_mpo(mpo, bias=None if bias is None else bias.detach(), source_kind=kind)
         set_submodule(model, target.name, layer)
         norm = float(torch.linalg.norm(weight.detach().float()))
+        weight_error = mpo.truncation_error  # plain TT-SVD: known from the discarded singular values
+        if config.calibration_tokens:  # whitened: that figure is the output error; measure the weight error
+            weight_error = float(torch.linalg.norm(weight.detach().double() - mpo.to_dense().double()))
         layer_report = LayerReport(
             name=target.name,
             kind=target.kind,
@@ -189,7 +209,7 @@ def compress(
             bond_dims=list(mpo.bond_dims),
             params_before=params_before,
             params_after=layer.num_params,
-            rel_error=mpo.truncation_error / norm if norm else 0.0,
+            rel_error=weight_error / norm if norm else 0.0,
             seconds=time.perf_counter() - start,
         )
         report.layers.append(layer_report)
