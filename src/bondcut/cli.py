@@ -66,8 +66,9 @@ def compress(
     exclude: Annotated[list[str] | None, typer.Option(help="skip these modules (name, glob or re:regex)")] = None,
     modules: Annotated[list[str] | None, typer.Option(help="explicit modules, for unsupported architectures")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
-    calib_tokens: Annotated[int, typer.Option(help="activation-aware: minimize output error on N calibration "
-                                              "tokens (0 = plain TT-SVD)")] = 0,  # fmt: skip
+    calib_tokens: Annotated[
+        int, typer.Option(help="activation-aware: minimize output error on N calibration tokens (0 = plain TT-SVD)")
+    ] = 0,  # fmt: skip
 ) -> None:
     """Replace the self-attention and MLP matrices by MPOs and save the model."""
     import bondcut
@@ -312,6 +313,42 @@ def report(
     if bench_json is None and not evals:
         _fail("nothing to report: give --bench bench.json and/or --eval eval.json (repeatable)")
     console.print(f"wrote {write_report(out, bench=read(bench_json) if bench_json else None, evals=evals)}")
+
+
+@app.command(name="profile")
+def profile_command(
+    model: Annotated[str, typer.Argument(help="HF directory, .gguf file, or alias (smollm2-135m, gemma3-270m)")],
+    out: Annotated[Path, typer.Option(help="JSON to write (and resume from); a PNG heatmap goes beside it")] = Path(
+        "profile.json"
+    ),
+    calib: Annotated[int, typer.Option(help="calibration tokens per loss evaluation")] = 1024,
+    fractions: Annotated[str, typer.Option(help="kept parameter fractions, comma separated")] = "0.1,0.25,0.5,0.75",
+    sites: Annotated[str, typer.Option(help="'lowrank', 'auto' or a number of sites")] = "lowrank",
+    activation_aware: Annotated[bool, typer.Option(help="decompose as compress --calib-tokens would")] = True,
+    include: Annotated[list[str] | None, typer.Option(help="only these modules (name, glob or re:regex)")] = None,
+) -> None:
+    """Loss increase on calibration text when each SA/MLP matrix alone is compressed, over a grid of sizes."""
+    from .profile import profile
+    from .report import plot_profile
+
+    try:
+        grid = [float(f) for f in fractions.split(",")]
+    except ValueError:
+        _fail(f"--fractions must be numbers in (0, 1) separated by commas, e.g. 0.1,0.25,0.5; got {fractions!r}")
+    net, tokenizer = _load(model, _resolve(model))
+    with Progress(TextColumn("[bold]profile[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:  # fmt: skip
+        task = progress.add_task("", total=None)
+        try:
+            result = profile(net, tokenizer, fractions=grid, sites=_parse_sites(sites), calibration_tokens=calib,
+                             activation_aware=activation_aware, include=include, cache=out,
+                             on_layer=lambda name, done, total: progress.update(task, description=name, completed=done,
+                                                                                total=total))  # fmt: skip
+        except ValueError as err:
+            _fail(str(err))
+    png = plot_profile(result.to_dict(), out.with_suffix(".png"))
+    console.print(f"base loss {result.base_loss:.4f} on {calib} calibration tokens; {result.forward_passes} forward "
+                  f"passes, {result.seconds:.0f} s; wrote {out} and {png}")  # fmt: skip
 
 
 def main() -> None:

@@ -198,3 +198,41 @@ def write_report(out_dir: str | os.PathLike, bench: dict | None = None, evals: S
         parts.append(bench_markdown(bench))
         parts += [f"![{p.stem}]({p.name})\n" for p in plot_bench(bench, out_dir)]
     return atomic_write_text(out_dir / "report.md", "\n".join(parts))
+
+
+def plot_profile(profile: dict, path: str | os.PathLike) -> Path:
+    """Heatmaps of the loss increase (log scale), block depth x module type, one panel per kept fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    layers = profile["layers"]
+    kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in layers))
+    blocks = sorted({int(part) for name in layers for part in name.split(".") if part.isdigit()})
+    fractions = profile["fractions"]
+    fig, axes = plt.subplots(
+        1, len(fractions), figsize=(2.6 * len(fractions) + 1, 0.18 * len(blocks) + 2), squeeze=False
+    )
+    values = [max(d, 1e-4) for entry in layers.values() for d in entry["delta_loss"]]
+    norm = LogNorm(vmin=min(values), vmax=max(values))
+    for f_index, (ax, fraction) in enumerate(zip(axes[0], fractions)):
+        grid = [[float("nan")] * len(kinds) for _ in blocks]
+        for name, entry in layers.items():
+            block = next(int(p) for p in name.split(".") if p.isdigit())
+            grid[blocks.index(block)][kinds.index(name.rsplit(".", 1)[-1])] = max(entry["delta_loss"][f_index], 1e-4)
+        image = ax.imshow(grid, aspect="auto", cmap="magma", norm=norm)
+        ax.set_xticks(range(len(kinds)))
+        ax.set_xticklabels([k.replace("_proj", "") for k in kinds], rotation=45, fontsize=7)
+        ax.set_yticks(range(0, len(blocks), 5))
+        ax.set_yticklabels(blocks[::5])
+        ax.set_title(f"keep {fraction:.0%}", fontsize=9)
+    axes[0][0].set_ylabel("block")
+    fig.colorbar(image, ax=axes[0].tolist(), label="loss increase (nats/token)")
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
