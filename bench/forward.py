@@ -48,6 +48,7 @@ from bondcut.config import CompressConfig
 from bondcut.models import load_model
 from bondcut.mpo import chi_for_fraction, decompose, resolve_sites
 from bondcut.surgery import dense_weight, select_targets
+from bondcut.timing import repeat_timings
 
 LAYOUTS: dict[str, int | str] = {"auto": "auto", "3-site": 3, "lowrank": "lowrank"}
 
@@ -55,14 +56,7 @@ LAYOUTS: dict[str, int | str] = {"auto": "auto", "3-site": 3, "lowrank": "lowran
 def time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
     """Wall-clock milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
+        return [t * 1e3 for t in repeat_timings(fn, warmup, repeats)]
 
 
 def rebuild_then_matmul(layer: bondcut.MPOLinear, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .timing import CpuContention, environment, summarize
+from .timing import CpuContention, environment, repeat_timings, summarize
 
 PHASES = ("inference", "training")
 
@@ -75,17 +75,6 @@ def _text_ids(tokenizer, split: str, count: int, rows: int) -> torch.Tensor:
     if ids.numel() < rows * count:
         raise ValueError(f"the {split} split has {ids.numel()} tokens, fewer than {rows} x {count}")
     return ids[: rows * count].reshape(rows, count)
-
-
-def _times(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 class _TokenClock:
@@ -148,7 +137,7 @@ def measure_inference(source: str, settings: BenchSettings) -> dict:
         }
     prompt = _text_ids(tokenizer, "heldout", settings.prefill_tokens, 1)
     with torch.no_grad(), CpuContention() as busy:
-        prefill = _times(lambda: model(prompt, use_cache=True), settings.warmup, settings.repeats)
+        prefill = repeat_timings(lambda: model(prompt, use_cache=True), settings.warmup, settings.repeats)
         out["prefill_tokens_per_s"] = summarize([settings.prefill_tokens / t for t in prefill])
         for batch in settings.decode_batches:
             ids = _text_ids(tokenizer, "heldout", settings.decode_prompt_tokens, batch)
@@ -187,7 +176,7 @@ def measure_training(source: str, settings: BenchSettings) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     with CpuContention() as busy:
-        steps = _times(step, max(settings.warmup, 1), settings.repeats)  # step 1 allocates the optimizer state
+        steps = repeat_timings(step, max(settings.warmup, 1), settings.repeats)  # step 1 allocates the optimizer state
     tokens = settings.train_batch * settings.train_seq
     out.update(
         step_s=summarize(steps),

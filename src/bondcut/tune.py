@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from .mpo import mpo_num_params, plan_contraction
 from .mpo_linear import MPOLinear
+from .timing import repeat_timings
 
 
 @dataclass
@@ -72,14 +72,7 @@ def merge_candidates(layer: MPOLinear, allow_dense: bool) -> list[tuple[int, ...
 
 def _median_ms(layer: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:
     with torch.no_grad():
-        for _ in range(warmup):
-            layer(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            layer(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        return statistics.median(repeat_timings(lambda: layer(x), warmup, repeats)) * 1e3
 
 
 def tune_layer(
