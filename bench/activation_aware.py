@@ -22,6 +22,7 @@ from bondcut.calibration import input_covariances
 from bondcut.corpus import split_text
 from bondcut.mpo import chi_for_fraction, decompose, resolve_sites
 from bondcut.mpo.whiten import decompose_whitened, output_error
+from bondcut.report import pyplot, save_figure
 from bondcut.surgery import dense_weight, select_targets
 
 LAYOUTS = {"lowrank": "lowrank", "balanced2": 2}
@@ -87,10 +88,7 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for label in LAYOUTS:
@@ -101,8 +99,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_ylabel("output error: aware / plain")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from _common import (
 from bondcut.config import CompressConfig
 from bondcut.models import load_model
 from bondcut.mpo import SiteLayoutError, chi_for_fraction, cores_to_dense, decompose, resolve_sites
+from bondcut.report import pyplot, save_figure
 from bondcut.surgery import dense_weight, select_targets
 
 
@@ -221,10 +222,7 @@ def time_all(weights: dict[str, torch.Tensor], fraction: float, **options) -> di
 
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
     """Per module type: relative error by depth for MPO, SVD, tensorly, 3-site MPO; last panel: MPO/SVD."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     types = list(summary["per_type"])
     fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
@@ -251,8 +249,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     last.axhline(1.0, color="gray", linewidth=0.8)
     last.set_title("error ratio MPO / SVD per type")
     fig.suptitle("SmolLM2-135M weights at <= 50 % parameters: relative Frobenius error by depth")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ import bondcut
 from bondcut.config import CompressConfig
 from bondcut.models import load_model
 from bondcut.mpo import chi_for_fraction, decompose, resolve_sites
+from bondcut.report import pyplot, save_figure
 from bondcut.surgery import dense_weight, select_targets
 from bondcut.timing import repeat_timings
 
@@ -212,10 +213,7 @@ def bench_model(args: argparse.Namespace) -> dict:
 
 def plot(layers: list[dict], model: dict | None, path: Path) -> None:
     """Bars: time and planned FLOPs relative to dense per shape and layout; whole-model ratios."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3 if model else 2, figsize=(16 if model else 11, 4.5), constrained_layout=True)
     labels = [f"{r['shape'][0]}x{r['shape'][1]}\n{r['modules']}" for r in layers]
@@ -238,8 +236,7 @@ def plot(layers: list[dict], model: dict | None, path: Path) -> None:
         axes[2].axhline(1.0, color="k", linewidth=0.8)
         axes[2].set_title(f"whole model forward, 1x{model['tokens']} tokens / original")
     fig.suptitle("MPOLinear vs nn.Linear on CPU at 50 % parameters (1x512 tokens)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -66,15 +66,13 @@ def _peak_rss_mb() -> float:
 
 def _text_ids(tokenizer, split: str, count: int, rows: int) -> torch.Tensor:
     """``rows`` x ``count`` token ids of real corpus text (consecutive chunks), deterministic."""
+    from .calibration import token_windows
     from .corpus import split_text
 
-    text = split_text(split)
-    ids = tokenizer(text[: rows * count * 8], return_tensors="pt").input_ids[0]  # ~4 chars/token: enough, fast
-    if ids.numel() < rows * count:
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if ids.numel() < rows * count:
-        raise ValueError(f"the {split} split has {ids.numel()} tokens, fewer than {rows} x {count}")
-    return ids[: rows * count].reshape(rows, count)
+    windows = token_windows(tokenizer, split_text(split), rows * count, count)
+    if len(windows) < rows:
+        raise ValueError(f"the {split} split has fewer than {rows} x {count} tokens")
+    return windows
 
 
 class _TokenClock:

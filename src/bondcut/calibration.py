@@ -12,6 +12,31 @@ import torch
 from torch import nn
 
 
+def token_windows(tokenizer, text: str, tokens: int, context: int) -> torch.Tensor:
+    """The first ``tokens`` token ids of ``text`` as whole (rows, context) windows (zero rows if too short).
+
+    Only a prefix of the text is tokenized (~4 characters per token, 8 allowed), the whole text if that
+    falls short: long splits cost nothing extra.
+    """
+    ids = tokenizer(text[: tokens * 8], return_tensors="pt").input_ids[0]
+    if ids.numel() < tokens:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = ids[:tokens]
+    return ids[: ids.numel() // context * context].reshape(-1, context)
+
+
+def calibration_windows(tokenizer, tokens: int, context: int, text: str | None = None) -> torch.Tensor:
+    """``tokens`` tokens of the corpus's calibration split (or ``text``) as (rows, context) windows."""
+    from .corpus import split_text
+
+    text = split_text("calibration") if text is None else text
+    windows = token_windows(tokenizer, text, tokens, context)
+    if not len(windows):
+        got = min(tokens, len(tokenizer(text).input_ids))  # only on this error path: the text is short
+        raise ValueError(f"need at least {context} calibration tokens, got {got}")
+    return windows
+
+
 def input_covariances(
     model: nn.Module,
     tokenizer,
@@ -25,13 +50,7 @@ def input_covariances(
 
     The text defaults to the corpus's calibration split, cut into windows of ``context`` tokens.
     """
-    from .corpus import split_text
-
-    text = split_text("calibration") if text is None else text
-    ids = tokenizer(text[: tokens * 8], return_tensors="pt").input_ids[0][:tokens]
-    if ids.numel() < context:
-        raise ValueError(f"need at least {context} calibration tokens, got {ids.numel()}")
-    windows = ids[: ids.numel() // context * context].reshape(-1, context)
+    windows = calibration_windows(tokenizer, tokens, context, text)
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name: str):

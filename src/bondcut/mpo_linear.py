@@ -58,7 +58,12 @@ class MPOLinear(nn.Module):
         """Wrap decomposed cores (and an optional bias) as a layer on the cores' device and dtype."""
         first = mpo.cores[0]
         layer = cls(
-            mpo.sites, mpo.bond_dims, bias=bias is not None, source_kind=source_kind, device=first.device, dtype=first.dtype
+            mpo.sites,
+            mpo.bond_dims,
+            bias=bias is not None,
+            source_kind=source_kind,
+            device=first.device,
+            dtype=first.dtype,
         )
         with torch.no_grad():
             for param, core in zip(layer.cores, mpo.cores):
@@ -97,13 +102,13 @@ class MPOLinear(nn.Module):
 
     def _inference_matrices(self) -> tuple[list[torch.Tensor], object]:
         """The step matrices for gradient-free forwards, rebuilt only when the cores changed."""
-        key = (self.merge, tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in self.cores))
+        key = self._cache_key()
         if self._inference is not None and self._inference[0] == key:
             return self._inference[1], self._inference[2]
         with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable later under autograd
             if self.merge == (1,) * len(self.sites):
                 self._lay_out_cores_for_plan()
-                key = (self.merge, tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in self.cores))
+                key = self._cache_key()  # the lay-out moved the cores
                 cores, plan = list(self.cores), self.plan
             else:
                 groups, start = [], 0
@@ -114,6 +119,10 @@ class MPOLinear(nn.Module):
             matrices = [m.detach() for m in step_matrices(cores, plan)]
         self._inference = (key, matrices, plan)
         return matrices, plan
+
+    def _cache_key(self) -> tuple:
+        """Changes whenever the cached step matrices would: another merge, in-place updates, new storage."""
+        return self.merge, tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in self.cores)
 
     def _lay_out_cores_for_plan(self) -> None:
         """Store each core so that its step matrix is a view: no per-forward copy and no second copy kept."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .cache import atomic_write_text
+from .calibration import calibration_windows, input_covariances
 from .config import CompressConfig
 from .mpo import bond_dims_for_chi, chi_for_fraction, decompose, mpo_num_params, resolve_sites
 from .mpo.whiten import decompose_whitened
@@ -66,16 +67,6 @@ class Profile:
         return cls(**data, layers=layers)
 
 
-def _windows(tokenizer, tokens: int, context: int) -> torch.Tensor:
-    from .corpus import split_text
-
-    text = split_text("calibration")
-    ids = tokenizer(text[: tokens * 8], return_tensors="pt").input_ids[0][:tokens]
-    if ids.numel() < context:
-        raise ValueError(f"need at least {context} calibration tokens, got {ids.numel()}")
-    return ids[: ids.numel() // context * context].reshape(-1, context)
-
-
 def _loss(model: nn.Module, windows: torch.Tensor) -> float:
     with torch.no_grad():
         return sum(float(model(w[None], labels=w[None]).loss) for w in windows) / len(windows)
@@ -105,15 +96,13 @@ def profile(
         if {k: getattr(stored, k) for k in settings} == settings and stored.version == PROFILE_VERSION:
             result = stored  # same question: resume
     targets = [t.name for t in select_targets(model, CompressConfig(chi=1, include=list(include) if include else None))]
-    windows = _windows(tokenizer, calibration_tokens, context)
+    windows = calibration_windows(tokenizer, calibration_tokens, context)
     start = time.perf_counter() - result.seconds
     if math.isnan(result.base_loss):
         result.base_loss = _loss(model, windows)
         result.forward_passes += 1
     covariances = {}
     if activation_aware and len(result.layers) < len(targets):
-        from .calibration import input_covariances
-
         todo = [n for n in targets if n not in result.layers]
         covariances, _ = input_covariances(model, tokenizer, todo, tokens=calibration_tokens, context=context)
     for index, name in enumerate(targets):
@@ -124,6 +113,7 @@ def profile(
         module = model.get_submodule(name)
         weight = dense_weight(module).detach()
         layout = resolve_sites(*weight.shape, sites)
+        bias = getattr(module, "bias", None)
         entry = LayerSensitivity(name, tuple(weight.shape), [list(s) for s in layout], [], [], [])
         for fraction in result.fractions:
             chi = chi_for_fraction(layout, fraction)
@@ -131,7 +121,6 @@ def profile(
                 mpo = decompose_whitened(weight, covariances[name], sites=layout, chi=chi)
             else:
                 mpo = decompose(weight, sites=layout, chi=chi)
-            bias = getattr(module, "bias", None)
             set_submodule(model, name, MPOLinear.from_mpo(mpo, bias=None if bias is None else bias.detach()))
             try:
                 loss = _loss(model, windows)

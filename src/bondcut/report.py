@@ -117,12 +117,29 @@ def eval_markdown(evals: Sequence[dict]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def plot_bench(report: dict, out_dir: Path) -> list[Path]:
-    """Bar charts of speedups and size fractions relative to the baseline (one PNG each)."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed; imported only when plotting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG via a hidden temp file and a rename (never half a file), then close it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial.png")
+    fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_bench(report: dict, out_dir: Path) -> list[Path]:
+    """Bar charts of speedups and size fractions relative to the baseline (one PNG each)."""
+    plt = pyplot()
 
     paths = []
     if not report.get("ratios"):
@@ -148,19 +165,13 @@ def plot_bench(report: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / f"bench_{kind}.png"
-        fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
-        plt.close(fig)
-        os.replace(path.with_suffix(".tmp.png"), path)
-        paths.append(path)
+        paths.append(save_figure(fig, path))
     return paths
 
 
 def plot_quality(evals: Sequence[dict], out_dir: Path) -> Path:
     """Perplexity (log scale) and zero-shot accuracy with ±1 stderr error bars, one bar per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [e.get("model", "?") for e in evals]
     tasks = sorted({t for e in evals for t in e.get("zero_shot", {})})
@@ -178,10 +189,7 @@ def plot_quality(evals: Sequence[dict], out_dir: Path) -> Path:
         ax.set_xticklabels(names, rotation=25, ha="right", fontsize=7)
     fig.tight_layout()
     path = out_dir / "quality.png"
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
-    plt.close(fig)
-    os.replace(path.with_suffix(".tmp.png"), path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(out_dir: str | os.PathLike, bench: dict | None = None, evals: Sequence[dict] = ()) -> Path:
@@ -202,10 +210,7 @@ def write_report(out_dir: str | os.PathLike, bench: dict | None = None, evals: S
 
 def plot_profile(profile: dict, path: str | os.PathLike) -> Path:
     """Heatmaps of the loss increase (log scale), block depth x module type, one panel per kept fraction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import LogNorm
 
     layers = profile["layers"]
@@ -230,9 +235,4 @@ def plot_profile(profile: dict, path: str | os.PathLike) -> Path:
         ax.set_title(f"keep {fraction:.0%}", fontsize=9)
     axes[0][0].set_ylabel("block")
     fig.colorbar(image, ax=axes[0].tolist(), label="loss increase (nats/token)")
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)

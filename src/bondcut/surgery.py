@@ -180,8 +180,8 @@ def compress(
         bias = getattr(module, "bias", None)
         params_before = weight.numel() + (0 if bias is None else bias.numel())
         chi = report.uniform_chi if config.ratio is not None else _chi_for(config, target.name)
-        if config.ratio is not None and chi >= break_even_chi(layout):
-            reason = f"chi {chi} >= break-even chi {break_even_chi(layout)}: an MPO would save nothing"
+        if config.ratio is not None and chi >= (even := break_even_chi(layout)):
+            reason = f"chi {chi} >= break-even chi {even}: an MPO would save nothing"
             layer_report = LayerReport(target.name, target.kind, target.block, tuple(weight.shape), [], [],
                                        params_before, params_before, 0.0, time.perf_counter() - start, reason)  # fmt: skip
             report.layers.append(layer_report)
