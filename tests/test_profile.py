@@ -29,7 +29,12 @@ def test_profile_measures_loss_increase_and_resumes(fresh_trained_model, tmp_pat
     assert (
         again.layers["model.layers.0.mlp.up_proj"].delta_loss == first.layers["model.layers.0.mlp.up_proj"].delta_loss
     )
-    assert json.loads(cache.read_text())["version"] == 1
+    stored = json.loads(cache.read_text())
+    assert stored["version"] == 3 and len(stored["layers"]["model.layers.0.mlp.up_proj"]["error"]) == 2
+    errors = first.layers["model.layers.0.mlp.up_proj"].error
+    assert 1 > errors[0] > errors[1] > 0  # relative output error falls as more is kept
+    kls = first.layers["model.layers.0.mlp.up_proj"].kl
+    assert kls[0] > kls[1] > 0  # KL to the original: positive, and larger when less is kept
 
 
 def test_cli_profile_writes_json_and_heatmap_and_rejects_bad_fractions(tmp_path):

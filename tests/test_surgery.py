@@ -36,7 +36,7 @@ def test_ratio_halves_the_targeted_parameters_and_the_model_degrades_but_runs(fr
         return perplexity(model, tokenizer, heldout_text, context=256, stride=256, max_tokens=257).perplexity
 
     original = held_out_ppl()
-    report = bondcut.compress(model, CompressConfig(ratio=0.5))
+    report = bondcut.compress(model, CompressConfig(ratio=0.5, allocation="uniform"))
     assert len(report.layers) == 30 * 7
     kept = report.target_params_after / report.target_params_before
     assert 0.49 <= kept <= 0.5
@@ -126,7 +126,7 @@ def test_ratio_keeps_matrices_dense_where_an_mpo_would_save_nothing():
 
     model = _tiny(LlamaConfig, hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=1, vocab_size=64)  # fmt: skip
-    report = bondcut.compress(model, CompressConfig(ratio=0.5, sites="lowrank"))
+    report = bondcut.compress(model, CompressConfig(ratio=0.5, sites="lowrank", allocation="uniform"))
     dense = [r for r in report.layers if r.kept_dense]
     assert {r.name.rsplit(".", 1)[-1] for r in dense} == {"k_proj", "v_proj"}  # 16x64: break-even chi 12
     assert all("break-even" in r.kept_dense and r.params_after == r.params_before for r in dense)
@@ -154,11 +154,11 @@ def test_activation_aware_compress_lowers_the_output_error_on_real_inputs(traine
     errors = {}
     for tokens in (0, 1024):
         compressed = copy.deepcopy(model)
-        config = CompressConfig(ratio=0.5, sites="lowrank", include=names, calibration_tokens=tokens)
+        config = CompressConfig(ratio=0.5, sites="lowrank", include=names, calibration_tokens=tokens, allocation="uniform")
         report = bondcut.compress(compressed, config, tokenizer=tokenizer)
         assert report.target_params_after <= 0.5 * report.target_params_before
         errors[tokens] = [output_error(dense_weight(model.get_submodule(n)).detach(),
                                        compressed.get_submodule(n).to_dense().detach(), cov[n]) for n in names]  # fmt: skip
     assert all(aware < 0.9 * plain for aware, plain in zip(errors[1024], errors[0]))
-    with pytest.raises(ValueError, match="needs the tokenizer"):
-        bondcut.compress(copy.deepcopy(model), CompressConfig(ratio=0.5, include=names, calibration_tokens=64))
+    with pytest.raises(ValueError, match="need the tokenizer"):
+        bondcut.compress(copy.deepcopy(model), CompressConfig(ratio=0.5, include=names, calibration_tokens=64, allocation="uniform"))

@@ -67,8 +67,24 @@ def compress(
     modules: Annotated[list[str] | None, typer.Option(help="explicit modules, for unsupported architectures")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     calib_tokens: Annotated[
-        int, typer.Option(help="activation-aware: minimize output error on N calibration tokens (0 = plain TT-SVD)")
-    ] = 0,  # fmt: skip
+        int | None,
+        typer.Option(
+            help="activation-aware: minimize output error on N calibration tokens (0 = plain TT-SVD; "
+            "default 16384 with --allocation profile, else 0)"
+        ),
+    ] = None,  # fmt: skip
+    allocation: Annotated[
+        str,
+        typer.Option(help="with --ratio: 'profile' (per-layer layout and chi from a sensitivity profile) or 'uniform'"),
+    ] = "profile",  # fmt: skip
+    ratio_of: Annotated[
+        str, typer.Option(help="--ratio of the 'targets' (SA+MLP) or of the whole 'model'")
+    ] = "targets",
+    profile: Annotated[
+        Path | None, typer.Option(help="sensitivity profile JSON to reuse or write (default: cached per model)")
+    ] = None,  # fmt: skip
+    profile_tokens: Annotated[int, typer.Option(help="calibration tokens per profile evaluation")] = 512,
+    search: Annotated[int, typer.Option(help="refine the plan with N real evaluations (EvoPress-style; 0 = off)")] = 0,
 ) -> None:
     """Replace the self-attention and MLP matrices by MPOs and save the model."""
     import bondcut
@@ -81,7 +97,9 @@ def compress(
     try:
         config = CompressConfig(
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
-            exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens,
+            exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens, allocation=allocation,
+            ratio_of=ratio_of, profile=None if profile is None else str(profile), profile_tokens=profile_tokens,
+            search_evaluations=search,
         )  # fmt: skip
     except ValueError as err:
         _fail(str(err))
@@ -96,14 +114,19 @@ def compress(
         def on_layer(layer, index: int, total: int) -> None:
             progress.update(task, total=total, completed=index + 1, description=f"{layer.name} chi={layer.bond_dims}")
 
+        def on_stage(stage: str, done: int, total: int) -> None:
+            progress.update(task, total=total, completed=done, description=STAGES.get(stage, stage))
+
         try:
-            report = bondcut.compress(net, config, on_layer=on_layer, tokenizer=tokenizer)
+            report = bondcut.compress(net, config, on_layer=on_layer, tokenizer=tokenizer, on_stage=on_stage)
         except ValueError as err:
             _fail(str(err))
     with console.status(f"saving to {out}"):
         bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite,
                      extra_files={"bondcut_report.json": json.dumps(report.to_dict(), indent=1)})  # fmt: skip
     console.print(summary_table(report, directory_weight_bytes(source), directory_weight_bytes(out)))
+    if report.plan:
+        console.print(plan_table(report.plan))
     dense = [layer for layer in report.layers if layer.kept_dense]
     if dense:
         names = ", ".join(d.name for d in dense[:4]) + (", ..." if len(dense) > 4 else "")
@@ -111,11 +134,42 @@ def compress(
     console.print(f"saved to {out}")
 
 
+STAGES = {
+    "statistics": "input statistics (calibration windows)",
+    "candidates": "pricing layouts and chi (SVDs)",
+    "profile": "profile: loss per matrix and size",
+    "search": "search: evaluations",
+}
+
+
+def plan_table(plan: dict) -> Table:
+    """The allocation plan by module type: kept fraction, layouts chosen, and the search's effect."""
+    from .allocate import Plan
+
+    parsed = Plan.from_dict(plan)
+    summary = parsed.summary()
+    title = f"allocation ({parsed.method}): {parsed.params:,} of {parsed.dense_params:,} SA+MLP weights kept"
+    search = parsed.search
+    if "loss_after" in search:
+        title += (f"; search: {search['evaluations']} evaluations, KL to the original {search['kl_before']:.4f} -> "
+                  f"{search['kl_after']:.4f}, calibration loss {search['loss_before']:.4f} -> {search['loss_after']:.4f}")  # fmt: skip
+    table = Table(title=title)
+    for column in ("module", "kept", "dense", *[k for k in summary["layouts"] if k != "dense"]):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    layouts = [k for k in summary["layouts"] if k != "dense"]
+    for kind, kept in summary["kept_by_type"].items():
+        choices = [c for name, c in parsed.layers.items() if name.rsplit(".", 1)[-1] == kind]
+        counts = [sum(c.layout == layout for c in choices) for layout in ("dense", *layouts)]
+        table.add_row(kind, f"{kept:.3f}", *map(str, counts))
+    return table
+
+
 def summary_table(report, bytes_before: int, bytes_after: int) -> Table:
     """Before/after table: compressed layers, whole model, file size."""
     from .sizes import percent_removed
 
-    table = Table(title=f"bondcut compress ({len(report.layers)} matrices, uniform chi={report.uniform_chi})")
+    how = "allocated per matrix" if report.plan else f"uniform chi={report.uniform_chi}"
+    table = Table(title=f"bondcut compress ({len(report.layers)} matrices, {how})")
     for column in ("", "before", "after", "kept", "removed"):
         table.add_column(column, justify="right" if column else "left")
     rows = [
@@ -321,9 +375,10 @@ def profile_command(
     out: Annotated[Path, typer.Option(help="JSON to write (and resume from); a PNG heatmap goes beside it")] = Path(
         "profile.json"
     ),
-    calib: Annotated[int, typer.Option(help="calibration tokens per loss evaluation")] = 1024,
-    fractions: Annotated[str, typer.Option(help="kept parameter fractions, comma separated")] = "0.1,0.25,0.5,0.75",
-    sites: Annotated[str, typer.Option(help="'lowrank', 'auto' or a number of sites")] = "lowrank",
+    calib: Annotated[int, typer.Option(help="calibration tokens per loss evaluation")] = 512,
+    stat_tokens: Annotated[int, typer.Option(help="calibration tokens for the input statistics")] = 16384,
+    fractions: Annotated[str, typer.Option(help="kept parameter fractions, comma separated")] = "0.1,0.3",
+    sites: Annotated[str, typer.Option(help="a 2-site layout: 'lowrank' or 2 (balanced)")] = "lowrank",
     activation_aware: Annotated[bool, typer.Option(help="decompose as compress --calib-tokens would")] = True,
     include: Annotated[list[str] | None, typer.Option(help="only these modules (name, glob or re:regex)")] = None,
 ) -> None:
@@ -341,6 +396,7 @@ def profile_command(
         task = progress.add_task("", total=None)
         try:
             result = profile(net, tokenizer, fractions=grid, sites=_parse_sites(sites), calibration_tokens=calib,
+                             covariance_tokens=stat_tokens,
                              activation_aware=activation_aware, include=include, cache=out,
                              on_layer=lambda name, done, total: progress.update(task, description=name, completed=done,
                                                                                 total=total))  # fmt: skip

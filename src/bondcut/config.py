@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+DEFAULT_CALIBRATION_TOKENS = 16384  # input statistics for activation-aware allocation
+
 SitesSpec = int | str | Sequence[Sequence[int]] | None
 
 
@@ -14,8 +16,10 @@ class CompressConfig:
     """How :func:`bondcut.compress` replaces weight matrices by MPOs.
 
     Give exactly one size control: ``chi`` (max bond dimension, one int or ``{pattern: chi}``), ``ratio``
-    (fraction of the targeted layers' parameters to *keep*; one uniform chi is chosen to meet it), or ``tol``
-    (relative Frobenius error per matrix; may be combined with ``chi`` as a cap).
+    (fraction of the parameters to *keep*), or ``tol`` (relative Frobenius error per matrix; may be combined
+    with ``chi`` as a cap). With ``ratio`` the default ``allocation="profile"`` chooses every matrix's layout
+    and chi (or keeps it dense) to meet the budget with the least predicted loss, from a per-matrix sensitivity
+    profile on calibration text (cached per model); ``allocation="uniform"`` uses one chi for all.
 
     Attributes:
         chi: max bond dimension; a dict maps module-name patterns to chi (every target must match one).
@@ -28,7 +32,18 @@ class CompressConfig:
         modules: explicit module names or patterns, for architectures not in bondcut's table.
         calibration_tokens: if > 0, decompose activation-aware: minimize the output error on this many tokens
             of the corpus's calibration split (needs the tokenizer in :func:`bondcut.compress`); 0 = plain TT-SVD.
+            None (default): 16384 with profile allocation, else 0.
         damping: relative damping of the input statistics before whitening (ill-conditioned inputs).
+        allocation: with ``ratio``: "profile" (per-matrix choice, the default) or "uniform" (one chi).
+        ratio_of: what ``ratio`` is a fraction of: "targets" (the SA+MLP matrices) or "model" (all parameters;
+            the untouched ones count in full).
+        layouts: candidate 2-site layouts for profile allocation with ``sites="auto"``: "lowrank" ((m x 1)(1 x n))
+            and/or "balanced" (a Kronecker-product sum). ``sites="lowrank"`` or ``2`` restrict it to one.
+        profile: JSON path of the sensitivity profile to reuse or write (default: bondcut's cache, per model).
+        profile_tokens: calibration tokens per profile loss evaluation.
+        profile_fractions: kept fractions at which every matrix's loss increase is measured.
+        search_evaluations: budget of real evaluations to refine the profile plan (0 = none).
+        search_tokens: calibration tokens per search evaluation.
     """
 
     chi: int | dict[str, int] | None = None
@@ -38,8 +53,16 @@ class CompressConfig:
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     modules: list[str] | None = None
-    calibration_tokens: int = 0
+    calibration_tokens: int | None = None
     damping: float = 1e-2
+    allocation: str = "profile"
+    ratio_of: str = "targets"
+    layouts: tuple[str, ...] = ("lowrank", "balanced")
+    profile: str | None = None
+    profile_tokens: int = 512
+    profile_fractions: tuple[float, ...] = (0.1, 0.3)
+    search_evaluations: int = 0
+    search_tokens: int = 1024
 
     def __post_init__(self) -> None:
         example = "e.g. CompressConfig(ratio=0.5) or CompressConfig(chi=64)"
@@ -56,10 +79,33 @@ class CompressConfig:
             raise ValueError(f"chi must be a positive int (or a dict of them), got {self.chi!r}")
         if isinstance(self.sites, str) and self.sites not in ("auto", "lowrank"):
             raise ValueError(f"sites must be 'auto', 'lowrank', an int >= 1 or a list of pairs, got {self.sites!r}")
+        if self.calibration_tokens is None:
+            self.calibration_tokens = DEFAULT_CALIBRATION_TOKENS if self.allocates else 0
+        if self.allocation not in ("profile", "uniform"):
+            raise ValueError(f"allocation must be 'profile' or 'uniform', got {self.allocation!r}")
+        if self.ratio_of not in ("targets", "model"):
+            raise ValueError(f"ratio_of must be 'targets' or 'model', got {self.ratio_of!r}")
+        if self.allocates and self.sites not in ("auto", "lowrank", 2):
+            raise ValueError(f"profile allocation chooses among 2-site layouts: sites must be 'auto', 'lowrank' or 2, "
+                             f"got {self.sites!r}; or use allocation='uniform'")  # fmt: skip
+        if self.search_evaluations < 0 or self.profile_tokens < 1 or self.search_tokens < 1:
+            raise ValueError("search_evaluations must be >= 0 and profile_tokens, search_tokens >= 1")
         if self.calibration_tokens < 0 or self.damping < 0:
-            raise ValueError(f"calibration_tokens and damping must be >= 0, got {self.calibration_tokens}, {self.damping}")
+            raise ValueError(
+                f"calibration_tokens and damping must be >= 0, got {self.calibration_tokens}, {self.damping}"
+            )
         if isinstance(self.sites, int) and self.sites < 1:
             raise ValueError(f"sites must be >= 1, got {self.sites}")
+
+    @property
+    def allocates(self) -> bool:
+        """True when ``ratio`` is met by the profile-based allocator (not one uniform chi)."""
+        return self.ratio is not None and self.allocation == "profile"
+
+    @property
+    def candidate_layouts(self) -> tuple[str, ...]:
+        """The layouts the allocator may choose from, given ``sites``."""
+        return {"lowrank": ("lowrank",), 2: ("balanced",)}.get(self.sites, tuple(self.layouts))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .architectures import TargetMatch, find_targets
 from .config import CompressConfig
-from .mpo import bond_dims_for_chi, chi_for_fraction, decompose, mpo_num_params, resolve_sites
+from .mpo import MPO, bond_dims_for_chi, chi_for_fraction, decompose, mpo_num_params, resolve_sites
 from .mpo.whiten import decompose_whitened
 from .mpo_linear import MPOLinear
 from .patterns import matches, select
@@ -46,6 +46,7 @@ class CompressionReport:
     model_params_before: int = 0
     model_params_after: int = 0
     uniform_chi: int | None = None
+    plan: dict | None = None  # the allocation plan (bondcut.allocate.Plan.to_dict()), with profile allocation
 
     @property
     def target_params_before(self) -> int:
@@ -58,6 +59,7 @@ class CompressionReport:
     def to_dict(self) -> dict:
         return {
             "uniform_chi": self.uniform_chi,
+            "plan": self.plan,
             "model_params_before": self.model_params_before,
             "model_params_after": self.model_params_after,
             "target_params_before": self.target_params_before,
@@ -73,6 +75,17 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return module.weight.t()  # Conv1D: y = x @ W + b with W (in, out)
     raise TypeError(f"cannot compress a {type(module).__name__}; only nn.Linear and transformers Conv1D")
+
+
+def linear_with_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain nn.Linear computing x W^T + b for a given (out x in) weight: a stand-in while measuring."""
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -139,83 +152,138 @@ def uniform_chi_for_ratio(layouts: list[tuple], ratio: float) -> int:
     return lo
 
 
+def target_budget(model: nn.Module, weights: dict[str, torch.Tensor], config: CompressConfig) -> int:
+    """Parameters the targets' weights may keep under ``config.ratio`` (of the targets, or of the whole model)."""
+    dense = sum(w.numel() for w in weights.values())
+    if config.ratio_of == "targets":
+        return int(config.ratio * dense)
+    total = sum(p.numel() for p in model.parameters())
+    budget = int(config.ratio * total) - (total - dense)
+    if budget <= 0:
+        raise ValueError(f"ratio {config.ratio} of the whole model ({total:,} params) is less than what the "
+                         f"untouched layers alone hold ({total - dense:,}); raise the ratio or use ratio_of='targets'")  # fmt: skip
+    return budget
+
+
 def compress(
     model: nn.Module,
     config: CompressConfig,
     on_layer: Callable[[LayerReport, int, int], None] | None = None,
     tokenizer=None,
+    on_stage: Callable[[str, int, int], None] | None = None,
 ) -> CompressionReport:
     """Replace the selected SA/MLP matrices of ``model`` by :class:`MPOLinear`, in place.
 
-    ``on_layer(report, index, total)`` is called after each layer (the CLI draws its progress bar with it).
+    ``on_layer(report, index, total)`` is called after each layer and ``on_stage(stage, done, total)`` during
+    the statistics, candidates, profile and search stages (the CLI draws its progress bars with them).
     With ``config.calibration_tokens`` the input statistics of every target are collected first (one pass of
     the original model over calibration text; ``tokenizer`` required) and each matrix is decomposed
-    activation-aware (:func:`bondcut.mpo.whiten.decompose_whitened`).
+    activation-aware (:func:`bondcut.mpo.whiten.decompose_whitened`). With ``ratio`` and profile allocation,
+    :func:`bondcut.allocate.allocate` chooses every matrix's layout and chi; the plan is in the report.
     The MPO layout is written to ``model.config.quantization_config`` so :func:`bondcut.save` round-trips.
     """
     from .hf_integration import attach_layout_config
 
     targets = select_targets(model, config)
     modules = {t.name: model.get_submodule(t.name) for t in targets}
-    weights = {name: dense_weight(mod) for name, mod in modules.items()}
-    layouts = {name: resolve_sites(*w.shape, config.sites) for name, w in weights.items()}
+    weights = {name: dense_weight(mod).detach() for name, mod in modules.items()}
     report = CompressionReport(model_params_before=sum(p.numel() for p in model.parameters()))
+    if (config.calibration_tokens or config.allocates) and tokenizer is None:
+        raise ValueError("activation-aware compression and profile allocation need the tokenizer: "
+                         "bondcut.compress(model, config, tokenizer=tok), or CompressConfig(..., allocation='uniform', "
+                         "calibration_tokens=0)")  # fmt: skip
     covariances = {}
     if config.calibration_tokens:
-        if tokenizer is None:
-            raise ValueError("activation-aware compression (calibration_tokens > 0) needs the tokenizer: "
-                             "bondcut.compress(model, config, tokenizer=tok)")  # fmt: skip
         from .calibration import input_covariances
 
-        covariances, _ = input_covariances(model, tokenizer, list(modules), tokens=config.calibration_tokens)
-    if config.ratio is not None:
-        report.uniform_chi = uniform_chi_for_ratio(list(layouts.values()), config.ratio)
-    elif isinstance(config.chi, int):
-        report.uniform_chi = config.chi
+        progress = None if on_stage is None else lambda done, total: on_stage("statistics", done, total)
+        covariances, _ = input_covariances(model, tokenizer, list(modules), tokens=config.calibration_tokens,
+                                           on_window=progress)  # fmt: skip
+    if config.allocates:
+        decide = _allocated_decisions(model, tokenizer, config, weights, covariances, report, on_stage)
+    else:
+        decide = _fixed_decisions(model, config, weights, covariances, report)
 
     for index, target in enumerate(targets):
         start = time.perf_counter()
         module, weight = modules[target.name], weights[target.name]
-        layout = layouts[target.name]
         bias = getattr(module, "bias", None)
         params_before = weight.numel() + (0 if bias is None else bias.numel())
-        chi = report.uniform_chi if config.ratio is not None else _chi_for(config, target.name)
-        if config.ratio is not None and chi >= (even := break_even_chi(layout)):
-            reason = f"chi {chi} >= break-even chi {even}: an MPO would save nothing"
+        mpo, reason = decide(target.name)
+        if mpo is None:
             layer_report = LayerReport(target.name, target.kind, target.block, tuple(weight.shape), [], [],
                                        params_before, params_before, 0.0, time.perf_counter() - start, reason)  # fmt: skip
-            report.layers.append(layer_report)
-            if on_layer is not None:
-                on_layer(layer_report, index, len(targets))
-            continue
-        if target.name in covariances:
-            mpo = decompose_whitened(weight, covariances.pop(target.name), sites=layout, chi=chi, tol=config.tol,
-                                     damping=config.damping)  # fmt: skip
         else:
-            mpo = decompose(weight, sites=layout, chi=chi, tol=config.tol)
-        kind = "conv1d" if type(module).__name__ == "Conv1D" else "linear"
-        layer = MPOLinear.from_mpo(mpo, bias=None if bias is None else bias.detach(), source_kind=kind)
-        set_submodule(model, target.name, layer)
-        norm = float(torch.linalg.norm(weight.detach().float()))
-        weight_error = mpo.truncation_error  # plain TT-SVD: known from the discarded singular values
-        if config.calibration_tokens:  # whitened: that figure is the output error; measure the weight error
-            weight_error = float(torch.linalg.norm(weight.detach().double() - mpo.to_dense().double()))
-        layer_report = LayerReport(
-            name=target.name,
-            kind=target.kind,
-            block=target.block,
-            shape=tuple(weight.shape),
-            sites=[list(s) for s in mpo.sites],
-            bond_dims=list(mpo.bond_dims),
-            params_before=params_before,
-            params_after=layer.num_params,
-            rel_error=weight_error / norm if norm else 0.0,
-            seconds=time.perf_counter() - start,
-        )
+            kind = "conv1d" if type(module).__name__ == "Conv1D" else "linear"
+            layer = MPOLinear.from_mpo(mpo, bias=None if bias is None else bias.detach(), source_kind=kind)
+            set_submodule(model, target.name, layer)
+            norm = float(torch.linalg.norm(weight.float()))
+            weight_error = mpo.truncation_error  # plain TT-SVD: known from the discarded singular values
+            if config.calibration_tokens:  # whitened: that figure is the output error; measure the weight error
+                weight_error = float(torch.linalg.norm(weight.double() - mpo.to_dense().double()))
+            layer_report = LayerReport(
+                name=target.name,
+                kind=target.kind,
+                block=target.block,
+                shape=tuple(weight.shape),
+                sites=[list(s) for s in mpo.sites],
+                bond_dims=list(mpo.bond_dims),
+                params_before=params_before,
+                params_after=layer.num_params,
+                rel_error=weight_error / norm if norm else 0.0,
+                seconds=time.perf_counter() - start,
+            )
         report.layers.append(layer_report)
         log.debug("compressed %s: %s", target.name, layer_report)
         if on_layer is not None:
             on_layer(layer_report, index, len(targets))
     report.model_params_after = sum(p.numel() for p in model.parameters())
-    attach_layout_config(model)
+    attach_layout_config(model, **({"plan": report.plan} if report.plan else {}))
     return report
+
+
+Decision = Callable[[str], tuple["MPO | None", str]]
+
+
+def _fixed_decisions(model, config: CompressConfig, weights, covariances, report: CompressionReport) -> Decision:
+    """Per-matrix MPOs for a given chi/tol, or one uniform chi meeting ``ratio``."""
+    layouts = {name: resolve_sites(*w.shape, config.sites) for name, w in weights.items()}
+    if config.ratio is not None:
+        ratio = target_budget(model, weights, config) / sum(w.numel() for w in weights.values())
+        report.uniform_chi = uniform_chi_for_ratio(list(layouts.values()), ratio)
+    elif isinstance(config.chi, int):
+        report.uniform_chi = config.chi
+
+    def decide(name: str):
+        layout, weight = layouts[name], weights[name]
+        chi = report.uniform_chi if config.ratio is not None else _chi_for(config, name)
+        if config.ratio is not None and chi >= (even := break_even_chi(layout)):
+            return None, f"chi {chi} >= break-even chi {even}: an MPO would save nothing"
+        if name in covariances:
+            cov = covariances.pop(name)
+            return decompose_whitened(weight, cov, sites=layout, chi=chi, tol=config.tol, damping=config.damping), ""
+        return decompose(weight, sites=layout, chi=chi, tol=config.tol), ""
+
+    return decide
+
+
+def _allocated_decisions(model, tokenizer, config: CompressConfig, weights, covariances, report, on_stage) -> Decision:
+    """Per-matrix layout and chi from the profile-based allocation plan (dense where the plan keeps it)."""
+    from .allocate import allocate
+    from .candidates import build_candidates
+
+    progress = None if on_stage is None else lambda name, done, total: on_stage("candidates", done, total)
+    candidates = build_candidates(weights, covariances or None, config.candidate_layouts, config.damping, progress)
+    covariances.clear()  # the spectra hold what is needed; free the n x n statistics
+    plan = allocate(model, tokenizer, candidates, target_budget(model, weights, config), config, on_stage)
+    report.plan = plan.to_dict()
+
+    def decide(name: str):
+        choice = plan.layers[name]
+        if choice.layout == "dense":
+            return None, "the allocation plan keeps it dense (its predicted loss per parameter is too high)"
+        mpo = candidates[name].spectra[choice.layout].mpo(choice.chi)
+        del candidates[name]  # free its spectra as we go
+        return mpo, ""
+
+    return decide

@@ -13,6 +13,7 @@ from .sites import (
     mpo_num_params,
     resolve_sites,
 )
+from .spectrum import TwoSiteSpectrum, two_site_spectrum
 
 __all__ = [
     "MPO",
@@ -33,4 +34,6 @@ __all__ = [
     "plan_contraction",
     "resolve_sites",
     "step_matrices",
+    "two_site_spectrum",
+    "TwoSiteSpectrum",
 ]

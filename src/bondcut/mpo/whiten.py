@@ -79,27 +79,40 @@ def decompose_whitened(
     if cov.shape != (n, n):
         raise ValueError(f"cov must be {n}x{n} (the input dimension of a {m}x{n} weight), got {tuple(cov.shape)}")
     layout: Sites = resolve_sites(m, n, sites)
-    in_sites = [i for i, (_, ni) in enumerate(layout) if ni > 1]
-    w64 = weight.detach().double()
-    if len(in_sites) <= 1:
-        factors = {in_sites[0] if in_sites else len(layout) - 1: cholesky_factor(cov, damping)}
-    else:
-        dims = [layout[i][1] for i in in_sites]
-        factors = {i: cholesky_factor(c, damping) for i, c in zip(in_sites, kronecker_marginals(cov.double(), dims))}
-    whitened = w64 @ _kron_in_order(factors, layout)  # W L, L = kron of the per-site factors in site order
+    factors = input_factors(cov, layout, damping)
+    whitened = weight.detach().double() @ kron_in_order(factors, layout)  # W L, L = kron of per-site factors
     mpo = decompose(whitened, sites=layout, chi=chi, tol=tol)
-    cores = []
-    for i, core in enumerate(mpo.cores):
-        core = core.double()
-        if i in factors:  # core (r, m_i, n_i, r') times L_i^{-1} over its input index
-            inverse = torch.linalg.solve_triangular(factors[i], torch.eye(factors[i].shape[0], dtype=torch.float64),
-                                                    upper=False)  # fmt: skip
-            core = torch.einsum("amnb,nk->amkb", core, inverse)
-        cores.append(core.to(weight.dtype))
+    cores = unwhiten_cores(mpo.cores, factors, weight.dtype)
     return MPO(cores=cores, discarded=mpo.discarded)  # truncation_error: the whitened error ||(W - W_hat) L||_F
 
 
-def _kron_in_order(factors: dict[int, torch.Tensor], layout: Sites) -> torch.Tensor:
+def input_factors(cov: torch.Tensor, layout: Sites, damping: float = 1e-2) -> dict[int, torch.Tensor]:
+    """Per-site lower Cholesky factors of the input statistics: {site: L_i} (fp64).
+
+    One exact factor of ``cov`` when the input index sits on one site (the last site if none has inputs > 1),
+    else one factor per input site from the Kronecker-factored marginals (:func:`kronecker_marginals`).
+    """
+    in_sites = [i for i, (_, ni) in enumerate(layout) if ni > 1]
+    if len(in_sites) <= 1:
+        return {in_sites[0] if in_sites else len(layout) - 1: cholesky_factor(cov, damping)}
+    dims = [layout[i][1] for i in in_sites]
+    return {i: cholesky_factor(c, damping) for i, c in zip(in_sites, kronecker_marginals(cov.double(), dims))}
+
+
+def unwhiten_cores(cores: Sequence[torch.Tensor], factors: dict[int, torch.Tensor], dtype: torch.dtype) -> list:
+    """Absorb L_i^{-1} into the input index of each whitened core (r, m_i, n_i, r'), returning ``dtype`` cores."""
+    out = []
+    for i, core in enumerate(cores):
+        core = core.double()
+        if i in factors:
+            eye = torch.eye(factors[i].shape[0], dtype=torch.float64, device=core.device)
+            inverse = torch.linalg.solve_triangular(factors[i], eye, upper=False)  # L_i^{-1}
+            core = torch.einsum("amnb,nk->amkb", core, inverse)
+        out.append(core.to(dtype))
+    return out
+
+
+def kron_in_order(factors: dict[int, torch.Tensor], layout: Sites) -> torch.Tensor:
     """Kronecker product of the per-site input factors in site order (identity where a site has none)."""
     out = torch.ones(1, 1, dtype=torch.float64)
     for i, (_, ni) in enumerate(layout):

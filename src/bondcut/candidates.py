@@ -1,0 +1,120 @@
+"""What each matrix could become: (layout, bond dimension) options with their size and relative output error.
+
+For every target matrix and every candidate 2-site layout, one (activation-aware) SVD prices all bond
+dimensions (:func:`bondcut.mpo.two_site_spectrum`). The error of an option is the relative output error
+||(W - W_hat) L||^2 / ||W L||^2 (C = L L^T, the damped input statistics; the plain weight error without
+statistics): exact from the singular values when the input sits on one site (low rank), measured on the
+rebuilt matrix for split-input layouts (balanced), whose whitening is only Kronecker-approximate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .mpo import SiteLayoutError, TwoSiteSpectrum, chi_for_fraction, two_site_spectrum
+from .mpo.whiten import cholesky_factor
+
+# kept fractions at which split-input layouts are priced (each costs one rebuild and one error product)
+SPLIT_INPUT_FRACTIONS = (0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75)
+LOWRANK_CHI_STEP = 8  # low-rank options: every multiple of this chi (all priced exactly from one SVD)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to store a matrix: ``layout`` "dense" (chi None) or a candidate layout name at bond ``chi``."""
+
+    layout: str
+    chi: int | None
+    params: int  # weight entries (cores, or the dense matrix); the bias is the same for every option
+    error: float  # relative squared output error; 0 for dense
+
+
+@dataclass
+class MatrixCandidates:
+    """A target's spectra per candidate layout and its priced options (dense first)."""
+
+    name: str
+    shape: tuple[int, int]
+    spectra: dict[str, TwoSiteSpectrum] = field(default_factory=dict)
+    options: list[Option] = field(default_factory=list)
+    weight: torch.Tensor | None = field(default=None, repr=False)  # kept to price split-input layouts
+
+    @property
+    def dense_params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def option_for_fraction(self, layout: str, fraction: float) -> Option:
+        """The option of ``layout`` with the largest chi holding at most ``fraction`` of the dense entries."""
+        chi = chi_for_fraction(self.spectra[layout].layout, fraction)
+        return self.price(layout, chi)
+
+    def price(self, layout: str, chi: int, cov_factor: torch.Tensor | None = None) -> Option:
+        """Size and relative error of ``layout`` at ``chi`` (split inputs need ``cov_factor``, the true L)."""
+        spectrum = self.spectra[layout]
+        if spectrum.exact or cov_factor is None:
+            error = spectrum.error_sq(chi) / spectrum.norm_sq
+        else:
+            error = _relative_output_error_sq(self.weight, spectrum.dense(chi), cov_factor)
+        return Option(layout, chi, spectrum.params(chi), error)
+
+
+def _relative_output_error_sq(weight: torch.Tensor, approx: torch.Tensor, factor: torch.Tensor) -> float:
+    """||(W - W_hat) L||^2 / ||W L||^2 in fp32 (pricing only)."""
+    lf = factor.float()
+    full = weight.float() @ lf  # (m, n)
+    diff = full - approx.float() @ lf
+    return float((diff**2).sum() / (full**2).sum())
+
+
+LAYOUTS: dict[str, int | str] = {"lowrank": "lowrank", "balanced": 2}
+
+
+def build_candidates(
+    weights: dict[str, torch.Tensor],
+    covariances: dict[str, torch.Tensor] | None,
+    layouts: Sequence[str] = ("lowrank", "balanced"),
+    damping: float = 1e-2,
+    on_matrix: Callable[[str, int, int], None] | None = None,
+) -> dict[str, MatrixCandidates]:
+    """Spectra and priced options for every matrix in ``weights`` ({name: (out x in) weight}).
+
+    ``layouts`` names entries of :data:`LAYOUTS`; a layout a shape cannot take (e.g. balanced for a prime
+    dimension) is left out for that matrix. Options never exceed the dense size (those would save nothing).
+    """
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown or not layouts:
+        raise ValueError(f"unknown candidate layouts {unknown or list(layouts)}; choose from {list(LAYOUTS)}")
+    result = {}
+    for index, (name, weight) in enumerate(weights.items()):
+        cov = None if covariances is None else covariances[name]
+        factor = None if cov is None else cholesky_factor(cov, damping)
+        entry = MatrixCandidates(name, tuple(weight.shape), weight=weight.detach())
+        entry.options.append(Option("dense", None, entry.dense_params, 0.0))
+        for layout in layouts:
+            try:
+                spectrum = two_site_spectrum(weight, LAYOUTS[layout], cov, damping)
+            except SiteLayoutError:
+                continue
+            if layout == "balanced" and spectrum.layout == ((weight.shape[0], 1), (1, weight.shape[1])):
+                continue  # the shape fell back to low rank
+            entry.spectra[layout] = spectrum
+            entry.options.extend(_options(entry, layout, factor))
+        result[name] = entry
+        if on_matrix is not None:
+            on_matrix(name, index + 1, len(weights))
+    return result
+
+
+def _options(entry: MatrixCandidates, layout: str, factor: torch.Tensor | None) -> list[Option]:
+    """Priced options of one layout, smaller than the dense matrix."""
+    spectrum = entry.spectra[layout]
+    per_chi = spectrum.params(1)
+    top = min(spectrum.max_chi, (entry.dense_params - 1) // per_chi)
+    if spectrum.exact:
+        chis = sorted({*range(LOWRANK_CHI_STEP, top + 1, LOWRANK_CHI_STEP), 1, top} - {0})
+    else:
+        chis = sorted({chi_for_fraction(spectrum.layout, f) for f in SPLIT_INPUT_FRACTIONS} | {top})
+    return [entry.price(layout, chi, factor) for chi in chis if 1 <= chi <= top]
