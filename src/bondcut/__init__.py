@@ -7,6 +7,7 @@ Public API::
     report = bondcut.compress(model, bondcut.CompressConfig(ratio=0.5))
     bondcut.save(model, "smollm2-50", tokenizer=tok)
     model, tok = bondcut.load("smollm2-50")
+    bondcut.heal(model, tok, bondcut.HealConfig(tokens=262144))  # short retraining of the cores
     bondcut.tune(model)  # per layer, the fastest exact way to run inference on this machine
 
 Importing bondcut registers its MPO format with transformers, so ``AutoModelForCausalLM.from_pretrained``
@@ -14,7 +15,9 @@ reloads saved directories. Optional heavy libraries (lm_eval, matplotlib) are im
 """
 
 from . import hf_integration  # noqa: F401  (registers the "bondcut_mpo" loader with transformers)
+from .allocate import Plan
 from .config import CompressConfig
+from .heal import HealConfig, heal
 from .models import resolve_model
 from .mpo_linear import MPOLinear
 from .serialization import export_dense, load, save
@@ -26,6 +29,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressConfig",
     "CompressionReport",
+    "HealConfig",
+    "Plan",
+    "heal",
     "MPOLinear",
     "compress",
     "export_dense",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -405,6 +406,86 @@ def profile_command(
     png = plot_profile(result.to_dict(), out.with_suffix(".png"))
     console.print(f"base loss {result.base_loss:.4f} on {calib} calibration tokens; {result.forward_passes} forward "
                   f"passes, {result.seconds:.0f} s; wrote {out} and {png}")  # fmt: skip
+
+
+@app.command(name="heal")
+def heal_command(
+    model: Annotated[str, typer.Argument(help="a compressed bondcut directory (or any model, with --train all)")],
+    out: Annotated[Path, typer.Option(help="directory to write the healed model to")],
+    tokens: Annotated[
+        int, typer.Option(help="training tokens in total (one pass over the train split: ~1.1 M)")
+    ] = 262_144,
+    teacher: Annotated[
+        str | None, typer.Option(help="the original model, for distillation (HF directory, .gguf or alias)")
+    ] = None,  # fmt: skip
+    distill: Annotated[float, typer.Option(help="weight of distillation vs next-token loss, 0..1")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="distillation temperature")] = 1.0,
+    seq_len: Annotated[int, typer.Option(help="tokens per training sequence")] = 256,
+    batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all processes together)")] = 8,
+    micro_batch: Annotated[int, typer.Option(help="sequences per forward/backward on one process")] = 4,
+    lr: Annotated[float, typer.Option(help="peak learning rate (warm-up, then cosine)")] = 1e-4,
+    train: Annotated[str, typer.Option(help="'mpo' (cores only) or 'all' parameters")] = "mpo",
+    eval_every: Annotated[int, typer.Option(help="steps between held-out perplexity checks (0 = start and end)")] = 0,
+    eval_tokens: Annotated[int, typer.Option(help="held-out tokens per check")] = 4096,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between atomic checkpoints (0 = none)")] = 50,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the last checkpoint in --out's checkpoint folder")
+    ] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="recompute activations (less memory)")] = False,
+    seed: Annotated[int, typer.Option(help="data order")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+) -> None:
+    """Retrain a compressed model briefly (LM loss and/or distillation); resumable; DDP under torchrun."""
+    import bondcut
+
+    from .heal import HealConfig, heal
+    from .report import plot_heal
+
+    if out.exists() and not overwrite:
+        _fail(f"{out} already exists; pass --overwrite or choose another --out")
+    try:
+        config = HealConfig(tokens=tokens, seq_len=seq_len, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
+                            train=train, distill=distill if teacher else 0.0, temperature=temperature,
+                            eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
+                            gradient_checkpointing=gradient_checkpointing, seed=seed)  # fmt: skip
+    except ValueError as err:
+        _fail(str(err))
+    net, tokenizer = _load(model, _resolve(model))
+    original = _load(teacher, _resolve(teacher))[0] if teacher else None
+    checkpoints = out.with_name(f"{out.name}.checkpoint")
+    with Progress(TextColumn("[bold]heal[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console) as progress:  # fmt: skip
+        task = progress.add_task("", total=config.steps)
+
+        def on_step(point: dict) -> None:
+            ppl = point["eval"].get("perplexity")
+            progress.update(task, completed=point["step"], description=f"loss {point['loss']:.3f} "
+                            f"{point['tokens_per_s']:.0f} tok/s" + (f" held-out ppl {ppl:.2f}" if ppl else ""))  # fmt: skip
+
+        try:
+            result = heal(net, tokenizer, config, teacher=original, checkpoint_dir=checkpoints, resume=resume,
+                          on_step=on_step)  # fmt: skip
+        except ValueError as err:
+            _fail(str(err))
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return  # one writer
+    record = json.dumps(result.to_dict(), indent=1)
+    with console.status(f"saving to {out}"):
+        bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite, extra_files={"heal.json": record})
+    plot_heal(result.to_dict(), out / "heal.png")
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the healed model is saved; the checkpoint has served
+    before, after = result.evals[0], result.evals[-1]
+    console.print(f"held-out perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} "
+                  f"({after['tokens_scored']:,} tokens, context {after['context']}, stride {after['stride']}); "
+                  f"{result.steps} steps x {config.batch_size * config.seq_len:,} tokens = "
+                  f"{result.steps * config.batch_size * config.seq_len:,} tokens "
+                  f"({result.steps * config.batch_size * config.seq_len / result.train_tokens_per_pass:.2f} passes over "
+                  f"the train split) in {result.seconds:.0f} s on {result.processes} process(es); "
+                  f"trainable {result.trainable_params:,} params, AdamW state {result.optimizer_state_bytes / 1e6:.0f} MB")  # fmt: skip
+    console.print(f"saved to {out} (curve: heal.json, heal.png)")
 
 
 def main() -> None:

@@ -209,24 +209,26 @@ def write_report(out_dir: str | os.PathLike, bench: dict | None = None, evals: S
 
 
 def plot_profile(profile: dict, path: str | os.PathLike) -> Path:
-    """Heatmaps of the loss increase (log scale), block depth x module type, one panel per kept fraction."""
+    """Heatmaps of the KL to the original (or, for old profiles, the loss increase; log scale), block depth x
+    module type, one panel per kept fraction."""
     plt = pyplot()
     from matplotlib.colors import LogNorm
 
     layers = profile["layers"]
+    key = "kl" if all("kl" in entry for entry in layers.values()) else "delta_loss"
     kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in layers))
     blocks = sorted({int(part) for name in layers for part in name.split(".") if part.isdigit()})
     fractions = profile["fractions"]
     fig, axes = plt.subplots(
         1, len(fractions), figsize=(2.6 * len(fractions) + 1, 0.18 * len(blocks) + 2), squeeze=False
     )
-    values = [max(d, 1e-4) for entry in layers.values() for d in entry["delta_loss"]]
+    values = [max(d, 1e-4) for entry in layers.values() for d in entry[key]]
     norm = LogNorm(vmin=min(values), vmax=max(values))
     for f_index, (ax, fraction) in enumerate(zip(axes[0], fractions)):
         grid = [[float("nan")] * len(kinds) for _ in blocks]
         for name, entry in layers.items():
             block = next(int(p) for p in name.split(".") if p.isdigit())
-            grid[blocks.index(block)][kinds.index(name.rsplit(".", 1)[-1])] = max(entry["delta_loss"][f_index], 1e-4)
+            grid[blocks.index(block)][kinds.index(name.rsplit(".", 1)[-1])] = max(entry[key][f_index], 1e-4)
         image = ax.imshow(grid, aspect="auto", cmap="magma", norm=norm)
         ax.set_xticks(range(len(kinds)))
         ax.set_xticklabels([k.replace("_proj", "") for k in kinds], rotation=45, fontsize=7)
@@ -234,5 +236,26 @@ def plot_profile(profile: dict, path: str | os.PathLike) -> Path:
         ax.set_yticklabels(blocks[::5])
         ax.set_title(f"keep {fraction:.0%}", fontsize=9)
     axes[0][0].set_ylabel("block")
-    fig.colorbar(image, ax=axes[0].tolist(), label="loss increase (nats/token)")
+    label = "KL to the original (nats/token)" if key == "kl" else "loss increase (nats/token)"
+    fig.colorbar(image, ax=axes[0].tolist(), label=label)
     return save_figure(fig, path, dpi=110)
+
+
+def plot_heal(result: dict, path: str | os.PathLike) -> Path:
+    """Healing curve: training loss per step and held-out perplexity at each evaluation."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [p["step"] for p in result["curve"]]
+    left.plot(steps, [p["loss"] for p in result["curve"]], lw=1)
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("training loss (nats/token)")
+    evals = [e for e in result["evals"] if e]
+    right.plot([e["step"] for e in evals], [e["perplexity"] for e in evals], marker="o")
+    right.set_yscale("log")
+    right.set_xlabel("optimizer step")
+    tokens = evals[0]["tokens_scored"] if evals else 0
+    right.set_ylabel(f"held-out perplexity ({tokens} tokens)")
+    fig.suptitle(f"healing: {result['steps']} steps x {result['config']['batch_size']} x {result['config']['seq_len']} "
+                 f"tokens, {result['processes']} process(es)")  # fmt: skip
+    fig.tight_layout()
+    return save_figure(fig, path)

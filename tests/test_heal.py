@@ -1,0 +1,123 @@
+"""Healing on the trained model: the loss falls and held-out perplexity recovers, cores stay cores, distillation,
+SIGKILL + --resume ends exactly like an uninterrupted run, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import bondcut
+from bondcut import CompressConfig, MPOLinear
+from bondcut.cli import app
+from bondcut.heal import HealConfig, distillation_loss, heal, lr_factor
+
+runner = CliRunner()
+BLOCK_1 = ["re:layers\\.1\\.mlp\\."]
+SMALL = dict(tokens=64 * 4 * 6, seq_len=64, batch_size=4, micro_batch=2, lr=3e-4, eval_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory, trained_model):
+    """Block 1's MLP at chi 16: a real, visible loss of quality to heal."""
+    import copy
+
+    model, tokenizer = trained_model
+    compressed = copy.deepcopy(model)
+    bondcut.compress(compressed, CompressConfig(chi=16, sites="lowrank", include=BLOCK_1))
+    return bondcut.save(compressed, tmp_path_factory.mktemp("heal") / "m16", tokenizer=tokenizer)
+
+
+def test_healing_lowers_loss_and_perplexity_and_trains_only_the_cores(compressed_dir):
+    model, tokenizer = bondcut.load(compressed_dir)
+    frozen = model.model.layers[5].self_attn.q_proj.weight.detach().clone()
+    result = heal(model, tokenizer, HealConfig(**SMALL))
+    assert result.steps == 6 and len(result.curve) == 6
+    assert result.evals[-1]["perplexity"] < result.evals[0]["perplexity"]
+    cores = sum(p.numel() for m in model.modules() if isinstance(m, MPOLinear) for p in m.parameters())
+    assert result.trainable_params == cores  # AdamW: 2 fp32 moments per entry, plus a step count per tensor
+    assert 8 * cores <= result.optimizer_state_bytes <= 8 * cores + 8 * 6
+    assert torch.equal(model.model.layers[5].self_attn.q_proj.weight, frozen)
+    assert sum(isinstance(m, MPOLinear) for m in model.modules()) == 3  # still MPO layers after training
+
+
+def test_distillation_term_is_zero_for_identical_logits_and_the_schedule_warms_up_then_decays():
+    logits = torch.randn(2, 5, 11)
+    assert float(distillation_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(logits, torch.randn(2, 5, 11), 1.0)) > 0
+    factors = [lr_factor(s, 100, 0.1, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and max(factors) == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(0.1, abs=0.01) and factors[50] > factors[90]
+
+
+def test_distillation_needs_a_teacher(compressed_dir):
+    model, tokenizer = bondcut.load(compressed_dir)
+    with pytest.raises(ValueError, match="teacher"):
+        heal(model, tokenizer, HealConfig(**SMALL, distill=0.5))
+
+
+def _heal_args(source, out, extra=()):
+    return ["heal", str(source), "--out", str(out), "--tokens", str(64 * 4 * 8), "--seq-len", "64", "--batch-size", "4",
+            "--micro-batch", "2", "--eval-tokens", "512", "--checkpoint-every", "2", "--teacher", "smollm2-135m",
+            "--distill", "0.5", *extra]  # fmt: skip
+
+
+def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(compressed_dir, tmp_path):
+    whole = runner.invoke(app, _heal_args(compressed_dir, tmp_path / "whole"))
+    assert whole.exit_code == 0, whole.output
+    assert "held-out perplexity" in whole.output and (tmp_path / "whole" / "heal.png").stat().st_size > 0
+
+    out = tmp_path / "killed"
+    checkpoint = tmp_path / "killed.checkpoint" / "checkpoint.pt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "bondcut", *_heal_args(compressed_dir, out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["step"] >= 4:
+            break
+        time.sleep(0.2)
+    assert child.poll() is None, "the run ended before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not out.exists() and checkpoint.exists()
+    resumed = runner.invoke(app, _heal_args(compressed_dir, out, ["--resume"]))
+    assert resumed.exit_code == 0, resumed.output
+    a = json.loads((tmp_path / "whole" / "heal.json").read_text())
+    b = json.loads((out / "heal.json").read_text())
+    assert [p["loss"] for p in a["curve"]] == [p["loss"] for p in b["curve"]]
+    assert a["evals"][-1]["perplexity"] == b["evals"][-1]["perplexity"]
+    assert not checkpoint.exists()  # removed once the healed model is saved
+
+
+def test_two_processes_under_torchrun_give_the_one_process_curve(compressed_dir, tmp_path):
+    """DDP on 2 gloo ranks, each taking half of every global batch: the same losses as one process."""
+    args = ["heal", str(compressed_dir), "--tokens", str(64 * 4 * 3), "--seq-len", "64", "--batch-size", "4",
+            "--micro-batch", "2", "--eval-tokens", "256", "--checkpoint-every", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bondcut"]
+    ddp = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    single = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    a, b = (json.loads((tmp_path / d / "heal.json").read_text()) for d in ("one", "ddp"))
+    assert (a["processes"], b["processes"]) == (1, 2)
+    assert [p["loss"] for p in b["curve"]] == pytest.approx([p["loss"] for p in a["curve"]], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--train", "some"], "train must be"),
+        (["--batch-size", "3", "--micro-batch", "2"], "multiple of micro_batch"),
+        (["--tokens", "0"], "must be positive"),
+    ],
+)
+def test_bad_heal_input_is_a_clear_error(compressed_dir, tmp_path, args, message):
+    result = runner.invoke(app, ["heal", str(compressed_dir), "--out", str(tmp_path / "x"), *args])
+    assert result.exit_code == 2 and message in result.output
