@@ -17,7 +17,7 @@ import copy
 import time
 
 import torch
-from _common import RESULTS_DIR, base_parser, environment, write_json
+from _common import base_parser, environment, write_json
 
 import bondcut
 from bondcut.corpus import split_text

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from _common import RESULTS_DIR, base_parser, environment, module_type, write_json
+from _common import base_parser, environment, module_type, write_json
 
 import bondcut
 from bondcut.calibration import input_covariances

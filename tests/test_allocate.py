@@ -93,3 +93,21 @@ def test_profile_allocation_needs_a_tokenizer_and_two_site_layouts(trained_model
         CompressConfig(ratio=0.5, sites=3)
     with pytest.raises(ValueError, match="allocation must be"):
         CompressConfig(ratio=0.5, allocation="greedy")
+
+
+def test_cli_compress_with_ratio_prints_and_saves_the_plan(tmp_path):
+    from typer.testing import CliRunner
+
+    from bondcut.cli import app
+
+    out = tmp_path / "m"
+    args = ["compress", "smollm2-135m", "--ratio", "0.4", "--include", "re:layers\\.2\\.mlp\\.", "--calib-tokens", "512",
+            "--profile-tokens", "128", "--profile", str(tmp_path / "p.json"), "--search", "2", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "allocation (profile-knapsack+search)" in result.output and "allocated per matrix" in result.output
+    report = json.loads((out / "bondcut_report.json").read_text())
+    assert report["plan"]["search"]["evaluations"] == 2
+    assert report["target_params_after"] <= 0.4 * report["target_params_before"]
+    bad = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "n"), "--allocation", "best"])
+    assert bad.exit_code == 2 and "allocation must be 'profile' or 'uniform'" in bad.output

@@ -37,15 +37,17 @@ class BenchSettings:
     decode_new_tokens: int = 32
     train_batch: int = 8
     train_seq: int = 256
-    train_params: str = "all"  # "all": every parameter trains; "mpo": only MPO cores (+ their biases)
+    # "all": every parameter trains; "mpo": only MPO cores (+ their biases); "auto": "mpo" for models with MPO
+    # layers and "all" for the others (healing vs fine-tuning the original: what each would really train)
+    train_params: str = "all"
     warmup: int = 1
     repeats: int = 5
     tune: bool = False  # choose each MPO layer's inference merge by measured latency before timing
     allow_dense: bool = False  # let tune materialize dense weights (faster, gives back the memory saving)
 
     def __post_init__(self) -> None:
-        if self.train_params not in ("all", "mpo"):
-            raise ValueError(f"train_params must be 'all' or 'mpo', got {self.train_params!r}")
+        if self.train_params not in ("all", "mpo", "auto"):
+            raise ValueError(f"train_params must be 'all', 'mpo' or 'auto', got {self.train_params!r}")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={self.repeats}, warmup={self.warmup}")
         self.decode_batches = tuple(int(b) for b in self.decode_batches)
@@ -149,6 +151,7 @@ def measure_inference(source: str, settings: BenchSettings) -> dict:
 
 def measure_training(source: str, settings: BenchSettings) -> dict:
     """Time one optimizer step: forward + backward + AdamW on train_batch x train_seq tokens of training text."""
+    from .heal import optimizer_state_bytes, trainable_parameters
     from .models import load_model
     from .mpo_linear import MPOLinear
 
@@ -156,14 +159,13 @@ def measure_training(source: str, settings: BenchSettings) -> dict:
     model, tokenizer = load_model(source)
     out = {"rss_after_load_mb": _rss_mb(), **_model_facts(model, source)}
     model.train()
-    if settings.train_params == "mpo":
-        model.requires_grad_(False)
-        for m in model.modules():
-            if isinstance(m, MPOLinear):
-                m.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{source} has no MPO layers to train; use train_params='all'")
+    try:
+        mode = settings.train_params
+        if mode == "auto":
+            mode = "mpo" if any(isinstance(m, MPOLinear) for m in model.modules()) else "all"
+        params = trainable_parameters(model, mode)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from err
     optimizer = torch.optim.AdamW(params, lr=1e-6)  # tiny: the timing must not depend on the model drifting
     batch = _text_ids(tokenizer, "train", settings.train_seq, settings.train_batch)
 
@@ -180,9 +182,7 @@ def measure_training(source: str, settings: BenchSettings) -> dict:
         step_s=summarize(steps),
         train_tokens_per_s=summarize([tokens / t for t in steps]),
         trainable_params=sum(p.numel() for p in params),
-        optimizer_state_bytes=sum(
-            t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
-        ),
+        optimizer_state_bytes=optimizer_state_bytes(optimizer),
         cpu_contention=busy.result,
         peak_rss_mb=_peak_rss_mb(),
     )

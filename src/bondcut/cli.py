@@ -308,7 +308,12 @@ def bench(
     phases: Annotated[
         str, typer.Option(help="'inference', 'training' or both, comma-separated")
     ] = "inference,training",
-    train_params: Annotated[str, typer.Option(help="'all' parameters trainable, or only the 'mpo' cores")] = "all",
+    train_params: Annotated[
+        str,
+        typer.Option(
+            help="'all' parameters trainable, only the 'mpo' cores, or 'auto' (mpo where there are MPO layers)"
+        ),
+    ] = "all",
     tune: Annotated[bool, typer.Option(help="pick each MPO layer's inference merge by measured latency first")] = True,
     allow_dense: Annotated[bool, typer.Option(help="let --tune materialize dense weights (faster, more RAM)")] = False,
     quick: Annotated[bool, typer.Option(help="tiny shapes and 1 repeat: checks the pipeline, not the machine")] = False,

@@ -207,7 +207,7 @@ def heal(
         if config.eval_every and (step + 1) % config.eval_every == 0 and not last:
             result.evals.append(_evaluate(accelerator, wrapped, tokenizer, step + 1, config.eval_tokens))
         result.seconds = time.perf_counter() - began
-        result.optimizer_state_bytes = _state_bytes(optimizer)
+        result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
         if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             if accelerator.is_main_process:
                 _save_checkpoint(checkpoint, step + 1, accelerator.unwrap_model(wrapped), optimizer, schedule, result)
@@ -249,7 +249,8 @@ def _evaluate(accelerator, model: nn.Module, tokenizer, step: int, tokens: int) 
     return result
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors (AdamW: two moments per trained entry, plus step counts)."""
     return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
 
