@@ -17,6 +17,7 @@ import torch
 from .mpo import SiteLayoutError, TwoSiteSpectrum, chi_for_fraction, two_site_spectrum
 from .mpo.whiten import cholesky_factor
 
+LAYOUTS: dict[str, int | str] = {"lowrank": "lowrank", "balanced": 2}  # candidate name -> sites spec
 # kept fractions at which split-input layouts are priced (each costs one rebuild and one error product)
 SPLIT_INPUT_FRACTIONS = (0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75)
 LOWRANK_CHI_STEP = 8  # low-rank options: every multiple of this chi (all priced exactly from one SVD)
@@ -46,11 +47,6 @@ class MatrixCandidates:
     def dense_params(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    def option_for_fraction(self, layout: str, fraction: float) -> Option:
-        """The option of ``layout`` with the largest chi holding at most ``fraction`` of the dense entries."""
-        chi = chi_for_fraction(self.spectra[layout].layout, fraction)
-        return self.price(layout, chi)
-
     def price(self, layout: str, chi: int, cov_factor: torch.Tensor | None = None) -> Option:
         """Size and relative error of ``layout`` at ``chi`` (split inputs need ``cov_factor``, the true L)."""
         spectrum = self.spectra[layout]
@@ -67,9 +63,6 @@ def _relative_output_error_sq(weight: torch.Tensor, approx: torch.Tensor, factor
     full = weight.float() @ lf  # (m, n)
     diff = full - approx.float() @ lf
     return float((diff**2).sum() / (full**2).sum())
-
-
-LAYOUTS: dict[str, int | str] = {"lowrank": "lowrank", "balanced": 2}
 
 
 def build_candidates(

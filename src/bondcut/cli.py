@@ -127,6 +127,7 @@ def compress(
                      extra_files={"bondcut_report.json": json.dumps(report.to_dict(), indent=1)})  # fmt: skip
     console.print(summary_table(report, directory_weight_bytes(source), directory_weight_bytes(out)))
     if report.plan:
+        console.print(plan_summary(report.plan))
         console.print(plan_table(report.plan))
     dense = [layer for layer in report.layers if layer.kept_dense]
     if dense:
@@ -143,18 +144,26 @@ STAGES = {
 }
 
 
+def plan_summary(plan: dict) -> str:
+    """One line: how the plan was found, what it keeps, and what the search changed."""
+    from .allocate import Plan
+
+    parsed = Plan.from_dict(plan)
+    line = f"allocation ({parsed.method}): {parsed.params:,} of {parsed.dense_params:,} SA+MLP weights kept"
+    search = parsed.search
+    if "loss_after" in search:
+        line += (f"; search: {search['evaluations']} evaluations, KL to the original {search['kl_before']:.4f} -> "
+                 f"{search['kl_after']:.4f}, calibration loss {search['loss_before']:.4f} -> {search['loss_after']:.4f}")  # fmt: skip
+    return line
+
+
 def plan_table(plan: dict) -> Table:
-    """The allocation plan by module type: kept fraction, layouts chosen, and the search's effect."""
+    """The allocation plan by module type: kept fraction and how many matrices took each layout."""
     from .allocate import Plan
 
     parsed = Plan.from_dict(plan)
     summary = parsed.summary()
-    title = f"allocation ({parsed.method}): {parsed.params:,} of {parsed.dense_params:,} SA+MLP weights kept"
-    search = parsed.search
-    if "loss_after" in search:
-        title += (f"; search: {search['evaluations']} evaluations, KL to the original {search['kl_before']:.4f} -> "
-                  f"{search['kl_after']:.4f}, calibration loss {search['loss_before']:.4f} -> {search['loss_after']:.4f}")  # fmt: skip
-    table = Table(title=title)
+    table = Table(title="allocation by module type")
     for column in ("module", "kept", "dense", *[k for k in summary["layouts"] if k != "dense"]):
         table.add_column(column, justify="left" if column == "module" else "right")
     layouts = [k for k in summary["layouts"] if k != "dense"]

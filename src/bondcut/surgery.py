@@ -281,7 +281,7 @@ def _allocated_decisions(model, tokenizer, config: CompressConfig, weights, cova
     def decide(name: str):
         choice = plan.layers[name]
         if choice.layout == "dense":
-            return None, "the allocation plan keeps it dense (its predicted loss per parameter is too high)"
+            return None, "kept dense by the allocation plan: any MPO of it costs more predicted KL per parameter saved"
         mpo = candidates[name].spectra[choice.layout].mpo(choice.chi)
         del candidates[name]  # free its spectra as we go
         return mpo, ""
