@@ -18,9 +18,9 @@ from bondcut.corpus import split_text
 from bondcut.perplexity import perplexity
 
 VARIANTS = {
-    "lowrank_plain": bondcut.CompressConfig(ratio=0.5, sites="lowrank"),
-    "lowrank_aware": bondcut.CompressConfig(ratio=0.5, sites="lowrank", calibration_tokens=16384),
-    "balanced_aware": bondcut.CompressConfig(ratio=0.5, calibration_tokens=16384),
+    "lowrank_plain": bondcut.CompressConfig(ratio=0.5, sites="lowrank", allocation="uniform"),
+    "lowrank_aware": bondcut.CompressConfig(ratio=0.5, sites="lowrank", calibration_tokens=16384, allocation="uniform"),
+    "balanced_aware": bondcut.CompressConfig(ratio=0.5, calibration_tokens=16384, allocation="uniform"),
 }
 
 

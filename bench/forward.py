@@ -174,8 +174,8 @@ def bench_model(args: argparse.Namespace) -> dict:
     """Whole-model forward of 1 x T tokens: original, default MPO and low rank at ratio 0.5, interleaved."""
     variants = {
         "original": None,
-        "mpo_auto": CompressConfig(ratio=args.fraction),
-        "lowrank": CompressConfig(ratio=args.fraction, sites="lowrank"),
+        "mpo_auto": CompressConfig(ratio=args.fraction, allocation="uniform"),
+        "lowrank": CompressConfig(ratio=args.fraction, sites="lowrank", allocation="uniform"),
     }
     models, info = {}, {}
     for label, config in variants.items():

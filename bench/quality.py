@@ -32,8 +32,8 @@ def main() -> None:
     results = {"benchmark": "quality", "model": args.model, "ratio": args.ratio, "environment": environment(args.threads)}
     variants = {
         "original": None,
-        "mpo_auto": bondcut.CompressConfig(ratio=args.ratio),
-        "mpo_lowrank": bondcut.CompressConfig(ratio=args.ratio, sites="lowrank"),
+        "mpo_auto": bondcut.CompressConfig(ratio=args.ratio, allocation="uniform"),
+        "mpo_lowrank": bondcut.CompressConfig(ratio=args.ratio, sites="lowrank", allocation="uniform"),
     }
     for name, config in variants.items():
         model = copy.deepcopy(original)

@@ -74,8 +74,8 @@ def main() -> None:
 
     for name, config in {
         "full_chi": bondcut.CompressConfig(chi=10**6),
-        "ratio_0.5_auto": bondcut.CompressConfig(ratio=0.5),
-        "ratio_0.5_lowrank": bondcut.CompressConfig(ratio=0.5, sites="lowrank"),
+        "ratio_0.5_auto": bondcut.CompressConfig(ratio=0.5, allocation="uniform"),
+        "ratio_0.5_lowrank": bondcut.CompressConfig(ratio=0.5, sites="lowrank", allocation="uniform"),
     }.items():
         model = copy.deepcopy(original)
         start = time.perf_counter()
