@@ -173,8 +173,8 @@ def allocate(
     return plan
 
 
-def stand_in_weight(entry: MatrixCandidates, choice: LayerChoice) -> torch.Tensor:
-    """The dense (out x in) matrix a choice represents (the original weight for "dense")."""
+def stand_in_weight(entry: MatrixCandidates, choice: LayerChoice | Option) -> torch.Tensor:
+    """The dense (out x in) matrix a plan choice or option represents (the original weight for "dense")."""
     if choice.layout == "dense":
         return entry.weight
     return entry.spectra[choice.layout].dense(choice.chi).to(entry.weight.dtype)

@@ -153,17 +153,13 @@ def measure_training(source: str, settings: BenchSettings) -> dict:
     """Time one optimizer step: forward + backward + AdamW on train_batch x train_seq tokens of training text."""
     from .heal import optimizer_state_bytes, trainable_parameters
     from .models import load_model
-    from .mpo_linear import MPOLinear
 
     torch.set_num_threads(settings.threads)
     model, tokenizer = load_model(source)
     out = {"rss_after_load_mb": _rss_mb(), **_model_facts(model, source)}
     model.train()
     try:
-        mode = settings.train_params
-        if mode == "auto":
-            mode = "mpo" if any(isinstance(m, MPOLinear) for m in model.modules()) else "all"
-        params = trainable_parameters(model, mode)
+        params = trainable_parameters(model, settings.train_params)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from err
     optimizer = torch.optim.AdamW(params, lr=1e-6)  # tiny: the timing must not depend on the model drifting

@@ -47,22 +47,30 @@ class MatrixCandidates:
     def dense_params(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    def price(self, layout: str, chi: int, cov_factor: torch.Tensor | None = None) -> Option:
-        """Size and relative error of ``layout`` at ``chi`` (split inputs need ``cov_factor``, the true L)."""
+    def price(self, layout: str, chi: int, output_error: OutputError | None = None) -> Option:
+        """Size and relative error of ``layout`` at ``chi`` (split inputs need ``output_error``, the true metric)."""
         spectrum = self.spectra[layout]
-        if spectrum.exact or cov_factor is None:
+        if spectrum.exact or output_error is None:
             error = spectrum.error_sq(chi) / spectrum.norm_sq
         else:
-            error = _relative_output_error_sq(self.weight, spectrum.dense(chi), cov_factor)
+            error = output_error(spectrum.dense(chi))
         return Option(layout, chi, spectrum.params(chi), error)
 
 
-def _relative_output_error_sq(weight: torch.Tensor, approx: torch.Tensor, factor: torch.Tensor) -> float:
-    """||(W - W_hat) L||^2 / ||W L||^2 in fp32 (pricing only)."""
-    lf = factor.float()
-    full = weight.float() @ lf  # (m, n)
-    diff = full - approx.float() @ lf
-    return float((diff**2).sum() / (full**2).sum())
+class OutputError:
+    """||(W - W_hat) L||^2 / ||W L||^2 for one W and the true factor L, in fp32 (pricing only).
+
+    W L and its norm are computed once per matrix; each priced option then costs one product W_hat L.
+    """
+
+    def __init__(self, weight: torch.Tensor, factor: torch.Tensor) -> None:
+        self.factor = factor.float()
+        self.whitened = weight.float() @ self.factor  # (m, n): W L
+        self.norm_sq = float((self.whitened**2).sum())
+
+    def __call__(self, approx: torch.Tensor) -> float:
+        diff = self.whitened - approx.float() @ self.factor
+        return float((diff**2).sum()) / self.norm_sq
 
 
 def build_candidates(
@@ -83,7 +91,7 @@ def build_candidates(
     result = {}
     for index, (name, weight) in enumerate(weights.items()):
         cov = None if covariances is None else covariances[name]
-        factor = None if cov is None else cholesky_factor(cov, damping)
+        metric = None if cov is None else OutputError(weight.detach(), cholesky_factor(cov, damping))
         entry = MatrixCandidates(name, tuple(weight.shape), weight=weight.detach())
         entry.options.append(Option("dense", None, entry.dense_params, 0.0))
         for layout in layouts:
@@ -94,14 +102,14 @@ def build_candidates(
             if layout == "balanced" and spectrum.layout == ((weight.shape[0], 1), (1, weight.shape[1])):
                 continue  # the shape fell back to low rank
             entry.spectra[layout] = spectrum
-            entry.options.extend(_options(entry, layout, factor))
+            entry.options.extend(_options(entry, layout, metric))
         result[name] = entry
         if on_matrix is not None:
             on_matrix(name, index + 1, len(weights))
     return result
 
 
-def _options(entry: MatrixCandidates, layout: str, factor: torch.Tensor | None) -> list[Option]:
+def _options(entry: MatrixCandidates, layout: str, metric: OutputError | None) -> list[Option]:
     """Priced options of one layout, smaller than the dense matrix."""
     spectrum = entry.spectra[layout]
     per_chi = spectrum.params(1)
@@ -110,4 +118,4 @@ def _options(entry: MatrixCandidates, layout: str, factor: torch.Tensor | None) 
         chis = sorted({*range(LOWRANK_CHI_STEP, top + 1, LOWRANK_CHI_STEP), 1, top} - {0})
     else:
         chis = sorted({chi_for_fraction(spectrum.layout, f) for f in SPLIT_INPUT_FRACTIONS} | {top})
-    return [entry.price(layout, chi, factor) for chi in chis if 1 <= chi <= top]
+    return [entry.price(layout, chi, metric) for chi in chis if 1 <= chi <= top]

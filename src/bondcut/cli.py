@@ -492,11 +492,11 @@ def heal_command(
     plot_heal(result.to_dict(), out / "heal.png")
     shutil.rmtree(checkpoints, ignore_errors=True)  # the healed model is saved; the checkpoint has served
     before, after = result.evals[0], result.evals[-1]
+    per_step = config.batch_size * config.seq_len
     console.print(f"held-out perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} "
                   f"({after['tokens_scored']:,} tokens, context {after['context']}, stride {after['stride']}); "
-                  f"{result.steps} steps x {config.batch_size * config.seq_len:,} tokens = "
-                  f"{result.steps * config.batch_size * config.seq_len:,} tokens "
-                  f"({result.steps * config.batch_size * config.seq_len / result.train_tokens_per_pass:.2f} passes over "
+                  f"{result.steps} steps x {per_step:,} tokens = {result.steps * per_step:,} tokens "
+                  f"({result.steps * per_step / result.train_tokens_per_pass:.2f} passes over "
                   f"the train split) in {result.seconds:.0f} s on {result.processes} process(es); "
                   f"trainable {result.trainable_params:,} params, AdamW state {result.optimizer_state_bytes / 1e6:.0f} MB")  # fmt: skip
     console.print(f"saved to {out} (curve: heal.json, heal.png)")

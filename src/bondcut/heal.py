@@ -105,7 +105,10 @@ class HealResult:
 
 
 def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
-    """Mark and return what trains: every parameter, or only the MPO layers' cores and biases."""
+    """Mark and return what trains: "all" parameters, or "mpo" (only the MPO layers' cores and biases), or
+    "auto" ("mpo" for a model with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
+    if train == "auto":
+        train = "mpo" if any(isinstance(m, MPOLinear) for m in model.modules()) else "all"
     if train == "all":
         model.requires_grad_(True)
     else:

@@ -121,6 +121,4 @@ def _mutate(level: dict[str, int], ladders: dict[str, list[Option]], budget: int
 def _apply(stand_ins: dict[str, nn.Linear], candidates, ladders, levels: dict[str, int], names: list[str]) -> None:
     """Load the weights of ``levels`` into the stand-ins of ``names``."""
     for name in names:
-        option = ladders[name][levels[name]]
-        choice = choice_of(candidates[name], option, 0.0)
-        stand_ins[name].weight.data.copy_(stand_in_weight(candidates[name], choice))
+        stand_ins[name].weight.data.copy_(stand_in_weight(candidates[name], ladders[name][levels[name]]))

@@ -54,6 +54,8 @@ def export_dense(model: nn.Module) -> nn.Module:
 
     The result is a plain transformers model: its config loses the bondcut quantization entry.
     """
+    from .surgery import linear_with_weight
+
     for name, module in list(model.named_modules()):
         if not isinstance(module, MPOLinear):
             continue
@@ -68,11 +70,7 @@ def export_dense(model: nn.Module) -> nn.Module:
                 dense.weight.copy_(weight.t())
                 dense.bias.copy_(module.bias if has_bias else torch.zeros_like(dense.bias))
         else:
-            dense = nn.Linear(module.in_features, module.out_features, bias=has_bias, device=weight.device, dtype=weight.dtype)
-            with torch.no_grad():
-                dense.weight.copy_(weight)
-                if has_bias:
-                    dense.bias.copy_(module.bias)
+            dense = linear_with_weight(weight, module.bias.detach() if has_bias else None)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
     if hasattr(model.config, "quantization_config"):
