@@ -19,7 +19,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .mpo_linear import MPOLinear
 
 QUANT_METHOD = "bondcut_mpo"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed 8/4-bit layers ("quantized")
 
 
 class BondcutMPOConfig(QuantizationConfigMixin):
@@ -46,7 +46,10 @@ class BondcutMPOQuantizer(HfQuantizer):
     requires_calibration = True  # an MPO model is made by bondcut.compress, not at load time
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        from .quant import install_quant_layers
+
         install_mpo_layers(model, self.quantization_config.layers)
+        install_quant_layers(model, self.quantization_config.extra.get("quantized", {}))
         return model
 
     def is_serializable(self) -> bool:
@@ -92,7 +95,21 @@ def mpo_layouts(model: nn.Module) -> dict[str, dict]:
 
 
 def attach_layout_config(model: nn.Module, **extra: Any) -> None:
-    """Write the model's current MPO layout into ``model.config.quantization_config``."""
+    """Write the model's current MPO and packed-layer layouts into ``model.config.quantization_config``."""
+    from .quant import quant_layouts
+
     previous = getattr(model.config, "quantization_config", None)
     kept = previous.extra if isinstance(previous, BondcutMPOConfig) else {}
+    quantized = quant_layouts(model)
+    if quantized:
+        extra = {**extra, "quantized": quantized}
+    else:
+        kept.pop("quantized", None)
     model.config.quantization_config = BondcutMPOConfig(layers=mpo_layouts(model), **{**kept, **extra})
+
+
+def has_bondcut_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds MPO or packed layers that config.json must describe."""
+    from .quant import quant_layouts
+
+    return any(isinstance(m, MPOLinear) for m in model.modules()) or bool(quant_layouts(model))

@@ -29,9 +29,9 @@ def save(
     Raises FileExistsError if ``path`` exists, unless ``overwrite``. A killed save leaves at most a hidden
     ``.NAME.partial-*`` directory, never a ``path`` that loads as if complete.
     """
-    from .hf_integration import attach_layout_config
+    from .hf_integration import attach_layout_config, has_bondcut_layers
 
-    if any(isinstance(m, MPOLinear) for m in model.modules()):
+    if has_bondcut_layers(model):
         attach_layout_config(model)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -1,0 +1,154 @@
+"""Quantize what a model has left (embeddings, LM head, dense Linear layers, optionally MPO cores), in place.
+
+:func:`quantize_model` swaps modules for their packed counterparts (:mod:`bondcut.quant.modules`) and returns
+the layouts, which ride in ``config.json`` next to the MPO layout; :func:`install_quant_layers` rebuilds the
+empty packed modules from them before transformers loads the weights. A tied LM head stays tied: it reads the
+packed embedding, stored once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..mpo_linear import MPOLinear
+from .modules import QUANT_LAYERS, QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
+from .packing import check_bits, group_dividing, quantize
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What to quantize and how. ``cores`` also packs the MPO cores; embeddings and head are on by default."""
+
+    bits: int = 4
+    group_size: int = 64
+    cores: bool = False
+    embeddings: bool = True
+    linear: bool = True
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, self.group_size)
+
+
+@dataclass
+class QuantizeReport:
+    """Bytes of the weights each kind of module held before (fp32 or their dtype) and after packing."""
+
+    layouts: dict[str, dict] = field(default_factory=dict)
+    bytes_before: dict[str, int] = field(default_factory=dict)
+    bytes_after: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, before: int, after: int) -> None:
+        self.bytes_before[kind] = self.bytes_before.get(kind, 0) + before
+        self.bytes_after[kind] = self.bytes_after.get(kind, 0) + after
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _is_dense(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    from ..surgery import set_submodule
+
+    set_submodule(model, name, new)
+
+
+def _name_of(model: nn.Module, module: nn.Module | None) -> str | None:
+    return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+
+
+def quantize_model(model: nn.Module, config: QuantizeConfig) -> QuantizeReport:
+    """Replace embeddings, LM head, dense Linear layers (and, with ``config.cores``, MPO layers) by packed ones."""
+    from ..surgery import dense_weight
+
+    report = QuantizeReport()
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    embedding_name, head_name = _name_of(model, embedding), _name_of(model, head)
+    tied = head is not None and isinstance(embedding, nn.Embedding) and head.weight is embedding.weight
+
+    for name, module in list(model.named_modules()):
+        if name == head_name:
+            continue
+        if config.linear and _is_dense(module):
+            weight = dense_weight(module)
+            new = QuantLinear(quantize(weight, config.bits, config.group_size), module.bias, weight.dtype)
+            report.add("linear", _tensor_bytes(weight), _tensor_bytes(*_buffers(new)))
+        elif config.cores and isinstance(module, MPOLinear):
+            packed = [quantize(c, config.bits, config.group_size) for c in module.cores]
+            new = QuantMPOLinear(module.sites, module.bond_dims, packed, module.bias, module.source_kind,
+                                 module.cores[0].dtype)  # fmt: skip
+            report.add("mpo_cores", _tensor_bytes(*module.cores), _tensor_bytes(*_buffers(new)))
+        else:
+            continue
+        _set(model, name, new)
+        report.layouts[name] = new.layout()
+
+    if config.embeddings and isinstance(embedding, nn.Embedding):
+        weight = embedding.weight
+        group = group_dividing(weight.shape[1], config.group_size)
+        new_embedding = QuantEmbedding(quantize(weight, config.bits, group), embedding.padding_idx, weight.dtype)
+        scale = getattr(embedding, "embed_scale", None)  # Gemma multiplies embeddings by sqrt(hidden)
+        new_embedding.output_scale = float(scale) if scale is not None else 1.0
+        report.add("embedding", _tensor_bytes(weight), _tensor_bytes(*_buffers(new_embedding)))
+        _set(model, embedding_name, new_embedding)
+        report.layouts[embedding_name] = new_embedding.layout()
+        if tied:
+            _set(model, head_name, TiedQuantHead(new_embedding, embedding_name))
+            report.layouts[head_name] = model.get_submodule(head_name).layout()
+            _untie(model)
+    if head is not None and not tied and config.embeddings and _is_dense(head):
+        weight = dense_weight(head)
+        new_head = QuantLinear(quantize(weight, config.bits, config.group_size), head.bias, weight.dtype)
+        report.add("lm_head", _tensor_bytes(weight), _tensor_bytes(*_buffers(new_head)))
+        _set(model, head_name, new_head)
+        report.layouts[head_name] = new_head.layout()
+    return report
+
+
+def _buffers(module: nn.Module) -> list[torch.Tensor]:
+    return [b for b in module.buffers()] + [p for p in module.parameters()]
+
+
+def _untie(model: nn.Module) -> None:
+    """Tell transformers not to tie lm_head.weight to the embedding: the packed head already reads it."""
+    model.config.tie_word_embeddings = False
+    text_config = getattr(model.config, "get_text_config", lambda: None)()
+    if text_config is not None:
+        text_config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = {}
+
+
+def install_quant_layers(model: nn.Module, layouts: dict[str, dict]) -> None:
+    """Swap each named module for an empty packed layer of the recorded layout, before weights load."""
+    dtype = next(model.parameters()).dtype
+    embeddings: dict[str, QuantEmbedding] = {}
+    for name, layout in sorted(layouts.items(), key=lambda item: item[1]["kind"] == "tied_head"):
+        try:
+            model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"config.json lists quantized layer {name!r}, which this model does not have") from err
+        if layout["kind"] == "tied_head":
+            new = TiedQuantHead(embeddings[layout["embedding"]], layout["embedding"])
+        elif layout["kind"] in QUANT_LAYERS:
+            new = QUANT_LAYERS[layout["kind"]].empty(layout, dtype)
+            if layout["kind"] == "embedding":
+                new.output_scale = float(layout.get("output_scale", 1.0))
+                embeddings[name] = new
+        else:
+            raise ValueError(f"quantized layer {name!r} has unknown kind {layout['kind']!r}; upgrade bondcut")
+        _set(model, name, new)
+    if any(layout["kind"] == "tied_head" for layout in layouts.values()):
+        _untie(model)
+
+
+def quant_layouts(model: nn.Module) -> dict[str, dict]:
+    """The layout of every packed layer in ``model``, keyed by module name."""
+    return {n: m.layout() for n, m in model.named_modules() if isinstance(m, (*QUANT_LAYERS.values(), TiedQuantHead))}

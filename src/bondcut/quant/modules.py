@@ -1,0 +1,183 @@
+"""Layers whose weights are stored packed (8 or 4 bits, group-wise) and dequantized on the fly in forward.
+
+Each packed tensor is three buffers (``codes``, ``scale``, ``offset``), so ``state_dict``/safetensors hold the
+packed bytes and the file shrinks. Forward dequantizes the weight for that call only (nothing float is kept),
+so memory is the packed size too; the price is one dequantization per call. ``layout()`` is the JSON that
+rebuilds the empty layer before weights load (see :mod:`bondcut.quant.apply`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..mpo import Sites, contract, cores_to_dense, plan_contraction
+from .packing import PackedTensor, dequantize, dequantize_groups, storage_shapes
+
+
+def _register_packed(module: nn.Module, prefix: str, packed: PackedTensor) -> None:
+    module.register_buffer(f"{prefix}codes", packed.codes)
+    module.register_buffer(f"{prefix}scale", packed.scale)
+    module.register_buffer(f"{prefix}offset", packed.offset)
+
+
+def _empty_packed(shape: tuple[int, ...], bits: int, group_size: int, device=None) -> PackedTensor:
+    nbytes, groups = storage_shapes(shape, bits, group_size)
+    return PackedTensor(
+        torch.zeros(nbytes, dtype=torch.uint8, device=device),
+        torch.zeros(groups, dtype=torch.float16, device=device),
+        torch.zeros(groups, dtype=torch.float16, device=device),
+        tuple(shape),
+        bits,
+        group_size,
+    )
+
+
+def _packed(module: nn.Module, prefix: str, shape: tuple[int, ...]) -> PackedTensor:
+    get = lambda name: getattr(module, f"{prefix}{name}")  # noqa: E731
+    return PackedTensor(get("codes"), get("scale"), get("offset"), shape, module.bits, module.group_size)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W (out x in) stored packed; replaces ``nn.Linear`` (and GPT-2 ``Conv1D``)."""
+
+    def __init__(self, packed: PackedTensor, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = packed.shape
+        self.bits, self.group_size = packed.bits, packed.group_size
+        self.compute_dtype = compute_dtype
+        _register_packed(self, "", packed)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def empty(cls, layout: dict, dtype: torch.dtype, device=None) -> QuantLinear:
+        bias = torch.zeros(layout["shape"][0], dtype=dtype, device=device) if layout["bias"] else None
+        return cls(_empty_packed(tuple(layout["shape"]), layout["bits"], layout["group_size"], device), bias, dtype)
+
+    def weight_values(self) -> torch.Tensor:
+        return dequantize(_packed(self, "", (self.out_features, self.in_features)), self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_values().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def layout(self) -> dict:
+        return {"kind": "linear", "shape": [self.out_features, self.in_features], "bits": self.bits,
+                "group_size": self.group_size, "bias": self.bias is not None}  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group_size}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding with rows stored packed; a lookup dequantizes only the rows it reads."""
+
+    def __init__(
+        self, packed: PackedTensor, padding_idx: int | None = None, compute_dtype: torch.dtype = torch.float32
+    ):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = packed.shape
+        if self.embedding_dim % packed.group_size:
+            raise ValueError(
+                f"embedding rows of {self.embedding_dim} need a group size dividing them, got {packed.group_size}"
+            )
+        self.bits, self.group_size = packed.bits, packed.group_size
+        self.padding_idx = padding_idx
+        self.compute_dtype = compute_dtype
+        self.output_scale = 1.0  # Gemma scales embeddings by sqrt(hidden size)
+        _register_packed(self, "", packed)
+
+    @classmethod
+    def empty(cls, layout: dict, dtype: torch.dtype, device=None) -> QuantEmbedding:
+        packed = _empty_packed(tuple(layout["shape"]), layout["bits"], layout["group_size"], device)
+        return cls(packed, layout.get("padding_idx"), dtype)
+
+    def weight_values(self) -> torch.Tensor:
+        return dequantize(_packed(self, "", (self.num_embeddings, self.embedding_dim)), self.compute_dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.codes.view(self.num_embeddings, -1)[ids]  # (..., bytes per row)
+        groups = self.embedding_dim // self.group_size
+        scale = self.scale.view(self.num_embeddings, groups)[ids]  # (..., groups)
+        offset = self.offset.view(self.num_embeddings, groups)[ids]
+        values = dequantize_groups(rows, scale, offset, self.bits, self.group_size, self.compute_dtype)
+        return values if self.output_scale == 1.0 else values * self.output_scale
+
+    def layout(self) -> dict:
+        return {"kind": "embedding", "shape": [self.num_embeddings, self.embedding_dim], "bits": self.bits,
+                "group_size": self.group_size, "padding_idx": self.padding_idx,
+                "output_scale": self.output_scale}  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group={self.group_size}"
+
+
+class TiedQuantHead(nn.Module):
+    """The LM head of a model with tied embeddings: logits against the packed embedding, stored once."""
+
+    def __init__(self, embedding: QuantEmbedding, embedding_name: str):
+        super().__init__()
+        self._embedding = (embedding,)  # a reference, not a submodule: its buffers are saved under its own name
+        self.embedding_name = embedding_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._embedding[0].weight_values().to(x.dtype))
+
+    def layout(self) -> dict:
+        return {"kind": "tied_head", "embedding": self.embedding_name}
+
+    def extra_repr(self) -> str:
+        return f"tied to {self.embedding_name}"
+
+
+class QuantMPOLinear(nn.Module):
+    """An MPO layer whose cores are stored packed; forward dequantizes the cores and contracts as planned."""
+
+    def __init__(self, sites: Sites, bond_dims, cores: list[PackedTensor], bias: torch.Tensor | None,
+                 source_kind: str = "linear", compute_dtype: torch.dtype = torch.float32):  # fmt: skip
+        super().__init__()
+        self.sites = tuple((int(a), int(b)) for a, b in sites)
+        self.bond_dims = tuple(int(r) for r in bond_dims)
+        self.out_features = math.prod(a for a, _ in self.sites)
+        self.in_features = math.prod(b for _, b in self.sites)
+        self.bits, self.group_size = cores[0].bits, cores[0].group_size
+        self.source_kind = source_kind
+        self.compute_dtype = compute_dtype
+        self.core_shapes = [c.shape for c in cores]
+        for i, packed in enumerate(cores):
+            _register_packed(self, f"core{i}_", packed)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.plan = plan_contraction(self.sites, self.bond_dims)
+
+    @classmethod
+    def empty(cls, layout: dict, dtype: torch.dtype, device=None) -> QuantMPOLinear:
+        ranks = (1, *layout["bond_dims"], 1)
+        shapes = [(ranks[i], m, n, ranks[i + 1]) for i, (m, n) in enumerate(layout["sites"])]
+        cores = [_empty_packed(s, layout["bits"], layout["group_size"], device) for s in shapes]
+        bias = torch.zeros(layout["shape"][0], dtype=dtype, device=device) if layout["bias"] else None
+        return cls(layout["sites"], layout["bond_dims"], cores, bias, layout.get("source_kind", "linear"), dtype)
+
+    def core_values(self) -> list[torch.Tensor]:
+        return [dequantize(_packed(self, f"core{i}_", s), self.compute_dtype) for i, s in enumerate(self.core_shapes)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cores = [c.to(x.dtype) for c in self.core_values()]
+        y = contract(x, cores, self.sites, self.plan)  # (..., out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def to_dense(self) -> torch.Tensor:
+        return cores_to_dense(self.core_values())
+
+    def layout(self) -> dict:
+        return {"kind": "mpo", "shape": [self.out_features, self.in_features], "sites": [list(s) for s in self.sites],
+                "bond_dims": list(self.bond_dims), "bits": self.bits, "group_size": self.group_size,
+                "bias": self.bias is not None, "source_kind": self.source_kind}  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (f"out_features={self.out_features}, in_features={self.in_features}, sites={list(self.sites)}, "
+                f"bond_dims={list(self.bond_dims)}, bits={self.bits}, group={self.group_size}")  # fmt: skip
+
+
+QUANT_LAYERS = {"linear": QuantLinear, "embedding": QuantEmbedding, "mpo": QuantMPOLinear}

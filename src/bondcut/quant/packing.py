@@ -1,0 +1,124 @@
+"""Group-wise weight-only quantization to 8 or 4 bits, stored packed: pure functions on tensors.
+
+A tensor is flattened in row-major order and cut into groups of ``group_size`` consecutive entries (the
+last group zero-padded). Each group keeps an fp16 ``scale`` and ``offset`` (its minimum), and every entry an
+unsigned code ``q`` in [0, 2^bits - 1] with ``w ≈ offset + q * scale`` (asymmetric round-to-nearest, the
+llama.cpp Q4_1 / Q8_1 recipe). 4-bit codes are packed two per byte, so a weight costs
+``bits + 32 / group_size`` bits: 4.5 (int4) or 8.5 (int8) at the default group of 64.
+
+When a tensor's last dimension is a multiple of ``group_size``, groups never straddle rows, so single
+rows can be dequantized alone (embedding lookups do that).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+BITS = (8, 4)
+
+
+@dataclass
+class PackedTensor:
+    """A quantized tensor: ``codes`` (uint8, packed two per byte at 4 bits), fp16 ``scale``/``offset`` per group."""
+
+    codes: torch.Tensor  # (numel_padded * bits / 8,) uint8
+    scale: torch.Tensor  # (groups,) float16
+    offset: torch.Tensor  # (groups,) float16
+    shape: tuple[int, ...]
+    bits: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset))
+
+
+def check_bits(bits: int, group_size: int) -> None:
+    """Raise a clear error for an unsupported bit width or group size."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}; example: bondcut quantize DIR --bits 4")
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even number >= 2, got {group_size!r}; example: --group-size 64")
+
+
+def group_dividing(length: int, group_size: int) -> int:
+    """The largest even group size <= ``group_size`` that divides ``length`` (rows then dequantize alone)."""
+    for size in range(min(group_size, length), 1, -1):
+        if length % size == 0 and size % 2 == 0:
+            return size
+    raise ValueError(f"no even group size <= {group_size} divides a row of {length} entries")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Flat uint8 codes -> storage bytes: unchanged at 8 bits, two per byte (low nibble first) at 4."""
+    if bits == 8:
+        return codes
+    pairs = codes.view(-1, 2)  # (numel/2, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: storage bytes -> flat uint8 codes."""
+    if bits == 8:
+        return stored
+    return torch.stack((stored & 0x0F, stored >> 4), dim=-1).flatten(-2)  # (..., 2 * bytes)
+
+
+CLIP_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _round(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: int):
+    """Codes, fp16 scale/offset and squared error per group for the range [low, high] of each group."""
+    scale = ((high - low) / levels).half()
+    offset = low.half()
+    safe = torch.where(scale.float() > 0, scale.float(), torch.ones_like(low))
+    codes = torch.round((groups - offset.float()[:, None]) / safe[:, None]).clamp_(0, levels)
+    error = ((codes * scale.float()[:, None] + offset.float()[:, None] - groups) ** 2).sum(dim=1)
+    return codes.to(torch.uint8), scale, offset, error
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> PackedTensor:
+    """Round ``weight`` group-wise to ``bits``-bit codes (computed in float32, stored packed).
+
+    Each group's range is the one, among its min/max shrunk by :data:`CLIP_SHRINKS`, with the least squared
+    error: clipping a few outliers buys finer steps for the rest (the llama.cpp / AWQ clip search).
+    """
+    check_bits(bits, group_size)
+    flat = weight.detach().reshape(-1).float()
+    padded = math.ceil(flat.numel() / group_size) * group_size
+    flat = torch.nn.functional.pad(flat, (0, padded - flat.numel()))
+    groups = flat.view(-1, group_size)  # (G, g)
+    levels = (1 << bits) - 1
+    low, high = groups.amin(dim=1), groups.amax(dim=1)
+    codes, scale, offset, error = _round(groups, low, high, levels)
+    for shrink in CLIP_SHRINKS[1:]:
+        c, s, o, e = _round(groups, low * shrink, high * shrink, levels)
+        better = e < error
+        codes[better], scale[better], offset[better], error[better] = c[better], s[better], o[better], e[better]
+    return PackedTensor(pack_codes(codes.reshape(-1), bits), scale, offset, tuple(weight.shape), bits, group_size)
+
+
+def dequantize_groups(
+    stored: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Codes of whole groups (any leading shape) -> values of shape (..., groups * group_size)."""
+    codes = unpack_codes(stored, bits)  # (..., G * g)
+    lead = codes.shape[:-1]
+    grouped = codes.view(*lead, -1, group_size).to(dtype)  # (..., G, g)
+    values = grouped * scale.to(dtype).unsqueeze(-1) + offset.to(dtype).unsqueeze(-1)
+    return values.view(*lead, -1)
+
+
+def dequantize(packed: PackedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float tensor a :class:`PackedTensor` stands for, in its original shape."""
+    values = dequantize_groups(packed.codes, packed.scale, packed.offset, packed.bits, packed.group_size, dtype)
+    return values[: math.prod(packed.shape)].view(packed.shape)
+
+
+def storage_shapes(shape: tuple[int, ...], bits: int, group_size: int) -> tuple[int, int]:
+    """(bytes of codes, number of groups) of a packed tensor of ``shape``: to allocate before loading."""
+    groups = math.ceil(math.prod(shape) / group_size)
+    return groups * group_size * bits // 8, groups

@@ -1,0 +1,115 @@
+"""Packed int8/int4 layers in the trained model: exact against dequantized references, the file shrinks,
+save -> reload gives the same logits, the tied head stays tied, MPO cores can be packed too, CLI end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import bondcut
+from bondcut.cli import app
+from bondcut.quant import QuantEmbedding, QuantizeConfig, QuantLinear, QuantMPOLinear, TiedQuantHead, quantize_model
+from bondcut.quant.packing import dequantize, quantize
+from bondcut.sizes import directory_weight_bytes
+
+
+def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    ref = torch.log_softmax(reference, -1)
+    return float((ref.exp() * (ref - torch.log_softmax(logits, -1))).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def int4_model(trained_model):
+    model, tokenizer = trained_model
+    quantized = copy.deepcopy(model)
+    report = quantize_model(quantized, QuantizeConfig(bits=4))
+    return quantized, tokenizer, report
+
+
+def test_quant_linear_equals_a_dense_layer_with_the_dequantized_weight(trained_model):
+    model, _ = trained_model
+    layer = model.model.layers[2].self_attn.q_proj
+    packed = quantize(layer.weight, 4, 64)
+    quant = QuantLinear(packed, None)
+    x = torch.randn(3, 5, layer.in_features)
+    assert torch.allclose(quant(x), torch.nn.functional.linear(x, dequantize(packed)), atol=1e-6)
+
+
+def test_embedding_lookup_dequantizes_only_the_rows_it_reads(trained_model):
+    model, _ = trained_model
+    weight = model.model.embed_tokens.weight
+    embedding = QuantEmbedding(quantize(weight, 4, 64))
+    ids = torch.tensor([[0, 5, 49151], [17, 17, 3]])
+    assert torch.equal(embedding(ids), dequantize(quantize(weight, 4, 64))[ids])
+
+
+def test_int4_model_keeps_the_head_tied_and_stays_close(int4_model, trained_model, prompt_ids):
+    quantized, _, report = int4_model
+    original, _ = trained_model
+    assert isinstance(quantized.lm_head, TiedQuantHead)
+    assert isinstance(quantized.model.embed_tokens, QuantEmbedding)
+    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
+    assert not any(k.startswith("lm_head") for k in quantized.state_dict())  # stored once, with the embedding
+    assert sum(report.bytes_after.values()) < 0.15 * sum(report.bytes_before.values())  # 4.5 of 32 bits
+    with torch.no_grad():
+        kl = _kl(original(prompt_ids).logits, quantized(prompt_ids).logits)
+    assert 0 < kl < 0.5
+
+
+def test_int8_is_nearly_lossless_on_the_trained_model(fresh_trained_model, trained_model, prompt_ids):
+    model, _ = fresh_trained_model
+    quantize_model(model, QuantizeConfig(bits=8))
+    with torch.no_grad():
+        kl = _kl(trained_model[0](prompt_ids).logits, model(prompt_ids).logits)
+    assert kl < 0.01
+
+
+def test_saved_int4_model_is_small_and_reloads_with_the_same_logits(int4_model, prompt_ids, tmp_path):
+    quantized, tokenizer, _ = int4_model
+    bondcut.save(quantized, tmp_path / "q4", tokenizer=tokenizer)
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())
+    layers = config["quantization_config"]["quantized"]
+    assert layers["lm_head"] == {"kind": "tied_head", "embedding": "model.embed_tokens"}
+    assert config["tie_word_embeddings"] is False
+    original_bytes = directory_weight_bytes(bondcut.resolve_model("smollm2-135m"))
+    assert directory_weight_bytes(tmp_path / "q4") < 0.16 * original_bytes
+    reloaded, _ = bondcut.load(tmp_path / "q4")
+    with torch.no_grad():
+        assert torch.equal(reloaded(prompt_ids).logits, quantized(prompt_ids).logits)
+    text = tokenizer.decode(reloaded.generate(prompt_ids, max_new_tokens=4, do_sample=False)[0])
+    assert len(text) > len(tokenizer.decode(prompt_ids[0]))
+
+
+def test_mpo_cores_pack_and_reload(fresh_trained_model, prompt_ids, tmp_path):
+    model, tokenizer = fresh_trained_model
+    bondcut.compress(model, bondcut.CompressConfig(chi=32, sites="lowrank", include=["re:layers\\.[01]\\.mlp\\."]))
+    with torch.no_grad():
+        before = model(prompt_ids).logits
+    quantize_model(model, QuantizeConfig(bits=8, cores=True))
+    mpo = model.model.layers[0].mlp.up_proj
+    assert isinstance(mpo, QuantMPOLinear) and mpo.bond_dims == (32,)
+    with torch.no_grad():
+        after = model(prompt_ids).logits
+    assert _kl(before, after) < 0.01
+    bondcut.save(model, tmp_path / "m", tokenizer=tokenizer)
+    reloaded, _ = bondcut.load(tmp_path / "m")
+    assert isinstance(reloaded.model.layers[1].mlp.down_proj, QuantMPOLinear)
+    with torch.no_grad():
+        assert torch.equal(reloaded(prompt_ids).logits, after)
+
+
+def test_cli_quantize_end_to_end_and_bad_input(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["quantize", "smollm2-135m", "--bits", "3", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "bits must be 8 or 4" in " ".join(result.output.split())
+    assert not (tmp_path / "x").exists()
+    result = runner.invoke(app, ["quantize", "smollm2-135m", "--bits", "8", "--out", str(tmp_path / "q8")])
+    assert result.exit_code == 0, result.output
+    assert "weight file" in result.output and "linear" in result.output
+    assert directory_weight_bytes(tmp_path / "q8") < 0.3 * directory_weight_bytes(bondcut.resolve_model("smollm2-135m"))
+    result = runner.invoke(app, ["quantize", "smollm2-135m", "--out", str(tmp_path / "q8")])
+    assert result.exit_code == 2 and "already exists" in " ".join(result.output.split())
