@@ -502,6 +502,98 @@ def heal_command(
     console.print(f"saved to {out} (curve: heal.json, heal.png)")
 
 
+@app.command(name="quantize")
+def quantize_command(
+    model: Annotated[str, typer.Argument(help="a bondcut directory (compressed or healed), HF directory or alias")],
+    out: Annotated[Path, typer.Option(help="directory to write the quantized model to")],
+    bits: Annotated[int, typer.Option(help="8 or 4 bits per weight (group-wise scales, stored packed)")] = 4,
+    group_size: Annotated[int, typer.Option(help="weights sharing one fp16 scale and offset")] = 64,
+    cores: Annotated[bool, typer.Option(help="also pack the MPO cores (default: only what is not an MPO)")] = False,
+    embeddings: Annotated[bool, typer.Option(help="pack the token embedding and the LM head")] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+) -> None:
+    """Weight-only int8/int4 for embeddings, LM head and non-tensorized Linear layers (optionally MPO cores)."""
+    import bondcut
+
+    from .quant import QuantizeConfig, quantize_model
+    from .sizes import directory_weight_bytes
+
+    if out.exists() and not overwrite:
+        _fail(f"{out} already exists; pass --overwrite or choose another --out")
+    try:
+        config = QuantizeConfig(bits=bits, group_size=group_size, cores=cores, embeddings=embeddings)
+    except ValueError as err:
+        _fail(str(err))
+    source = _resolve(model)
+    net, tokenizer = _load(model, source)
+    with console.status(f"packing to {bits} bits"):
+        report = quantize_model(net, config)
+    with console.status(f"saving to {out}"):
+        bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite)
+    table = Table(title=f"{model} -> {out}: weight bytes by kind")
+    for column in ("kind", "before MB", "after MB", "after / before"):
+        table.add_column(column, justify="right" if column != "kind" else "left")
+    for kind, before in report.bytes_before.items():
+        after = report.bytes_after[kind]
+        table.add_row(kind, f"{before / 1e6:.1f}", f"{after / 1e6:.1f}", f"{after / before:.3f}")
+    console.print(table)
+    before, after = directory_weight_bytes(source), directory_weight_bytes(out)
+    console.print(f"weight file {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.1%}); "
+                  f"saved to {out}")  # fmt: skip
+
+
+@app.command(name="compare")
+def compare_command(
+    model: Annotated[str, typer.Argument(help="the original model: HF directory, .gguf file or alias")],
+    out: Annotated[Path, typer.Option(help="directory for models, results, compare.md/json/png (resumable)")],
+    ratio: Annotated[float, typer.Option(help="kept fraction of the SA+MLP parameters for the structural methods")] = 0.5,
+    heal_tokens: Annotated[int, typer.Option(help="healing budget per trained method (0 = no healing)")] = 65536,
+    heal_lr: Annotated[float, typer.Option(help="peak learning rate of healing")] = 2e-4,
+    distill: Annotated[float, typer.Option(help="distillation weight in healing (teacher: the original)")] = 0.0,
+    eval_tokens: Annotated[int, typer.Option(help="held-out tokens for perplexity")] = 8192,
+    tasks: Annotated[str, typer.Option(help="zero-shot tasks: comma list, 'all', or '' for none")] = "",
+    task_limit: Annotated[int | None, typer.Option(help="items per zero-shot task (default: all)")] = None,
+    methods: Annotated[
+        str, typer.Option(help="'all' or a comma list of original,int8,int4,svd,svd_llm,layerchop,bondcut,bondcut_int4")
+    ] = "all",
+    search: Annotated[int, typer.Option(help="bondcut's search evaluations")] = 48,
+    chop_rule: Annotated[str, typer.Option(help="LayerChop's block choice: 'measured' (KL) or 'deepest'")] = "measured",
+    quantize_cores: Annotated[bool, typer.Option(help="bondcut_int4 also packs the MPO cores")] = False,
+    threads: Annotated[int, typer.Option(help="threads for the speed measurements")] = 2,
+    bench_repeats: Annotated[int, typer.Option(help="timed repeats per speed figure (median reported)")] = 3,
+    bench_train_batch: Annotated[int, typer.Option(help="sequences of 256 tokens per timed training step")] = 8,
+) -> None:
+    """Original vs int8 vs int4 vs truncated SVD vs aware low rank vs LayerChop vs bondcut (and + int4): one table."""
+    from .compare import METHODS, CompareConfig, compare
+    from .zeroshot import check_tasks
+
+    chosen = METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
+    try:
+        config = CompareConfig(ratio=ratio, heal_tokens=heal_tokens, heal_lr=heal_lr, distill=distill,
+                               eval_tokens=eval_tokens, tasks=check_tasks(tasks) if tasks else (),
+                               task_limit=task_limit, methods=chosen,
+                               search_evaluations=search, chop_rule=chop_rule, quantize_cores=quantize_cores,
+                               threads=threads, bench_repeats=bench_repeats,
+                               bench_train_batch=bench_train_batch)  # fmt: skip
+    except ValueError as err:
+        _fail(str(err))
+    _resolve(model)
+
+    def on_stage(method: str, stage: str) -> None:
+        console.print(f"[bold]{method}[/]: {stage}")
+
+    def on_bench(name: str, phase: str, done: int, total: int) -> None:
+        if name:
+            console.print(f"speed {done + 1}/{total}: {phase} of {Path(name).name}")
+
+    try:
+        compare(model, out, config, on_stage=on_stage, on_bench=on_bench)
+    except ValueError as err:
+        _fail(str(err))
+    console.print((out / "compare.md").read_text())
+    console.print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -1,0 +1,292 @@
+"""``bondcut compare``: the paper's table for any model, in one run, with the strongest baselines beside ours.
+
+Every method starts from the same original model and, where it trains, gets the same healing budget
+(``heal_tokens`` of the train split, same schedule) and the same calibration data:
+
+- ``original``; ``int8`` / ``int4``: weight-only group-wise quantization of it (:mod:`bondcut.quant`);
+- ``svd``: truncated SVD at one rank for all SA/MLP matrices; ``svd_llm``: activation-aware low rank
+  (SVD-LLM-style whitening) at one rank; ``layerchop``: whole blocks deleted (:mod:`bondcut.layerchop`);
+- ``bondcut``: profile allocation + aware decomposition + search; ``bondcut_int4``: that model after healing,
+  with embeddings, head and dense layers packed to 4 bits (the paper's "MPO + 4-bit" model).
+
+Each method's model and result land in ``out/models/NAME`` and ``out/results/NAME.json`` (a rerun skips
+what is done: the run resumes). Speed is measured last, every model in its own process, against the original.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache import atomic_write_text
+from .config import CompressConfig
+
+METHODS = ("original", "int8", "int4", "svd", "svd_llm", "layerchop", "bondcut", "bondcut_int4")
+QUANTIZED = {"int8": 8, "int4": 4}
+HEALED = ("svd", "svd_llm", "layerchop", "bondcut")
+
+
+@dataclass
+class CompareConfig:
+    """One comparison run: size, healing budget, what is measured (see ``bondcut compare --help``)."""
+
+    ratio: float = 0.5
+    heal_tokens: int = 65536
+    heal_lr: float = 2e-4
+    distill: float = 0.0
+    eval_tokens: int = 8192
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None
+    methods: tuple[str, ...] = METHODS
+    search_evaluations: int = 48
+    chop_rule: str = "measured"
+    quantize_cores: bool = False
+    group_size: int = 64
+    bench_repeats: int = 3
+    bench_train_batch: int = 8
+    threads: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}, e.g. --methods svd,bondcut")
+        if "bondcut_int4" in self.methods and "bondcut" not in self.methods:
+            raise ValueError("method bondcut_int4 quantizes the bondcut model: add bondcut to --methods")
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"ratio (kept fraction of SA+MLP parameters) must be in (0, 1), got {self.ratio}")
+        if self.heal_tokens < 0 or self.eval_tokens < 2:
+            raise ValueError(f"need heal_tokens >= 0 and eval_tokens >= 2, got {self.heal_tokens}, {self.eval_tokens}")
+        self.methods = tuple(m for m in METHODS if m in self.methods)  # build order: bondcut before bondcut_int4
+
+
+@dataclass
+class MethodResult:
+    """What one method produced: sizes, quality before/after healing, sample, and how it was made."""
+
+    method: str
+    directory: str
+    weights: int  # weight entries stored (parameters + packed entries)
+    target_weights: int  # entries left in the SA+MLP matrices (what --ratio counts)
+    disk_bytes: int
+    build_s: float
+    heal_s: float = 0.0
+    perplexity_before_heal: dict | None = None
+    perplexity: dict = field(default_factory=dict)
+    zero_shot: dict = field(default_factory=dict)
+    generation: str = ""
+    notes: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def target_weight_count(model: nn.Module) -> int:
+    """Entries held by the model's SA+MLP matrices, whatever their form (dense, MPO, packed)."""
+    from .architectures import find_targets
+
+    linear_like = [n for n, m in model.named_modules() if hasattr(m, "in_features") or type(m).__name__ == "Conv1D"]
+    names = {t.name for t in find_targets(linear_like, model.config.model_type)}
+    return sum(_entries(m) for n, m in model.named_modules() if n in names)
+
+
+def _entries(module: nn.Module) -> int:
+    from .quant import QuantLinear, QuantMPOLinear
+
+    if isinstance(module, QuantLinear):
+        return module.in_features * module.out_features + (0 if module.bias is None else module.bias.numel())
+    if isinstance(module, QuantMPOLinear):
+        return sum(math.prod(s) for s in module.core_shapes) + (module.bias.numel() if module.bias is not None else 0)
+    return sum(p.numel() for p in module.parameters())
+
+
+def weight_count(model: nn.Module) -> int:
+    """Parameters plus the entries of packed weights (a quantized weight still counts as its shape)."""
+    from .quant import QuantEmbedding, QuantLinear, QuantMPOLinear
+
+    packed = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            packed += module.in_features * module.out_features
+        elif isinstance(module, QuantEmbedding):
+            packed += module.num_embeddings * module.embedding_dim
+        elif isinstance(module, QuantMPOLinear):
+            packed += sum(math.prod(s) for s in module.core_shapes)
+    return sum(p.numel() for p in model.parameters()) + packed
+
+
+def _compress_config(method: str, config: CompareConfig) -> CompressConfig:
+    uniform = {"ratio": config.ratio, "allocation": "uniform"}
+    return {
+        "svd": lambda: CompressConfig(**uniform, sites="lowrank", calibration_tokens=0),
+        "svd_llm": lambda: CompressConfig(**uniform, sites="lowrank", calibration_tokens=16384),
+        "bondcut": lambda: CompressConfig(ratio=config.ratio, search_evaluations=config.search_evaluations),
+    }[method]()
+
+
+def build(method: str, model: nn.Module, tokenizer, config: CompareConfig) -> str:
+    """Turn ``model`` (a fresh copy of the original) into ``method``'s model, in place; returns a note."""
+    from .quant import QuantizeConfig, quantize_model
+
+    if method == "original":
+        return ""
+    if method in QUANTIZED:
+        quantize_model(model, QuantizeConfig(bits=QUANTIZED[method], group_size=config.group_size))
+        return f"weight-only int{QUANTIZED[method]}, groups of {config.group_size}, embeddings and head included"
+    if method == "layerchop":
+        from .layerchop import chop
+
+        report = chop(model, tokenizer, 1 - config.ratio, rule=config.chop_rule)
+        return f"removed blocks {report.removed} ({config.chop_rule} rule)"
+    from .surgery import compress
+
+    report = compress(model, _compress_config(method, config), tokenizer=tokenizer)
+    if report.uniform_chi is not None:
+        return f"uniform rank {report.uniform_chi}"
+    return "profile allocation + search" if config.search_evaluations else "profile allocation"
+
+
+def _quality(model: nn.Module, tokenizer, config: CompareConfig, tasks: bool) -> dict:
+    from .corpus import split_text
+    from .evaluate import generate_greedy
+    from .perplexity import perplexity
+    from .zeroshot import zero_shot
+
+    ppl = perplexity(model, tokenizer, split_text("heldout", genres="a"), context=512, stride=256,
+                     max_tokens=config.eval_tokens)  # fmt: skip
+    out = {"perplexity": ppl.to_dict()}
+    if tasks:
+        out["generation"] = next(iter(generate_greedy(model, tokenizer, max_new_tokens=16).values()))
+        if config.tasks:
+            out["zero_shot"] = zero_shot(model, tokenizer, config.tasks, limit=config.task_limit)
+    return out
+
+
+def run_method(
+    method: str,
+    original: str,
+    out: Path,
+    config: CompareConfig,
+    teacher: nn.Module | None = None,
+    on_stage: Callable[[str, str], None] | None = None,
+) -> MethodResult:
+    """Build, heal (if it trains), evaluate and save one method; reuse its result file when present."""
+    from .heal import HealConfig, heal
+    from .quant import QuantizeConfig, quantize_model
+    from .serialization import load, save
+    from .sizes import directory_weight_bytes
+
+    result_file = out / "results" / f"{method}.json"
+    if result_file.exists():
+        return MethodResult(**json.loads(result_file.read_text()))
+    stage = on_stage or (lambda m, s: None)
+    directory = out / "models" / method
+    source = out / "models" / "bondcut" if method == "bondcut_int4" else original
+    model, tokenizer = load(source)
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    stage(method, "building")
+    if method == "bondcut_int4":
+        quantize_model(model, QuantizeConfig(bits=4, group_size=config.group_size, cores=config.quantize_cores))
+        note = "the healed bondcut model; embeddings, head and dense layers int4" + (
+            ", cores int4" if config.quantize_cores else ""
+        )
+    else:
+        note = build(method, model, tokenizer, config)
+    build_s = time.perf_counter() - start
+    before = None
+    heal_s = 0.0
+    if method in HEALED and config.heal_tokens:
+        stage(method, "quality before healing")
+        before = _quality(model, tokenizer, config, tasks=False)["perplexity"]
+        stage(method, "healing")
+        start = time.perf_counter()
+        train = "all" if method == "layerchop" else "mpo"  # chopped blocks are dense: continued pretraining
+        heal_config = HealConfig(tokens=config.heal_tokens, lr=config.heal_lr, train=train, distill=config.distill,
+                                 eval_tokens=1024, seed=config.seed)  # fmt: skip
+        heal(model, tokenizer, heal_config, teacher=teacher if config.distill else None)
+        heal_s = time.perf_counter() - start
+    model.eval()
+    stage(method, "quality")
+    quality = _quality(model, tokenizer, config, tasks=True)
+    save(model, directory, tokenizer=tokenizer, overwrite=True)
+    result = MethodResult(
+        method=method,
+        directory=str(directory.relative_to(out)),
+        weights=weight_count(model),
+        target_weights=target_weight_count(model),
+        disk_bytes=directory_weight_bytes(directory),
+        build_s=build_s,
+        heal_s=heal_s,
+        perplexity_before_heal=before,
+        perplexity=quality["perplexity"],
+        zero_shot=quality.get("zero_shot", {}),
+        generation=quality.get("generation", ""),
+        notes=note,
+    )
+    atomic_write_text(result_file, json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareConfig, on_step=None) -> dict:
+    """Decode tokens/s of every model and training step time of those that train, vs the original, one run."""
+    from .bench import BenchSettings, bench
+
+    dirs = {r.method: str(out / r.directory) for r in results}
+    settings = BenchSettings(threads=config.threads, decode_batches=(1,), repeats=config.bench_repeats,
+                             train_params="auto", prefill_tokens=256,
+                             train_batch=config.bench_train_batch)  # fmt: skip
+    baseline = dirs["original"]
+    inference = bench(list(dirs.values()), baseline=baseline, settings=settings, phases=("inference",), on_step=on_step)
+    trainable = [d for m, d in dirs.items() if m not in QUANTIZED and m != "bondcut_int4"]
+    training = bench(trainable, baseline=baseline, settings=settings, phases=("training",), on_step=on_step)
+    speed = {}
+    for method, d in dirs.items():
+        ratios = {**inference.get("ratios", {}).get(d, {}), **training.get("ratios", {}).get(d, {})}
+        speed[method] = {
+            "decode_tokens_per_s": inference["models"][d]["inference"]["decode_b1_tokens_per_s"]["median"],
+            "decode_speedup": ratios.get("decode_b1_speedup", 1.0 if d == baseline else None),
+            "train_step_s": training["models"].get(d, {}).get("training", {}).get("step_s", {}).get("median"),
+            "train_step_speedup": ratios.get("train_step_speedup", 1.0 if d == baseline else None),
+            "peak_rss_mb": inference["models"][d]["inference"]["peak_rss_mb"],
+        }
+    return {"per_method": speed, "environment": inference["environment"], "settings": inference["settings"]}
+
+
+def compare(
+    original: str,
+    out: str | Path,
+    config: CompareConfig,
+    on_stage: Callable[[str, str], None] | None = None,
+    on_bench: Callable | None = None,
+) -> dict:
+    """Run every method of ``config`` on ``original``; write compare.json, compare.md and compare.png to ``out``."""
+    from .compare_report import compare_markdown, plot_compare
+    from .models import resolve_model
+    from .serialization import load
+
+    out = Path(out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    original = str(resolve_model(original))
+    teacher = load(original)[0] if config.distill and config.heal_tokens else None
+    methods = ("original", *(m for m in config.methods if m != "original"))  # the original is every ratio's base
+    results = [run_method(m, original, out, config, teacher, on_stage) for m in methods]
+    speed_file = out / "results" / "speed.json"
+    done = json.loads(speed_file.read_text()) if speed_file.exists() else {}
+    if set(done.get("per_method", {})) != {r.method for r in results}:
+        done = measure_speed(out, results, config, on_bench)
+        atomic_write_text(speed_file, json.dumps(done, indent=2))
+    speed = done
+    report = {"original": Path(original).name, "config": asdict(config),
+              "methods": [r.to_dict() for r in results], "speed": speed}  # fmt: skip
+    atomic_write_text(out / "compare.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "compare.md", compare_markdown(report))
+    plot_compare(report, out / "compare.png")
+    return report

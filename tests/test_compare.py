@@ -1,0 +1,48 @@
+"""``bondcut compare`` end to end on the trained model (tiny budgets): every method's row, files, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from bondcut.cli import app
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_compare_writes_one_table_with_every_method_and_resumes(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "smollm2-135m", "--out", str(out), "--ratio", "0.5", "--methods", "int8,layerchop",
+            "--heal-tokens", "2048", "--eval-tokens", "256", "--chop-rule", "deepest", "--threads", "1",
+            "--bench-repeats", "1", "--bench-train-batch", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    rows = {m["method"]: m for m in report["methods"]}
+    assert list(rows) == ["original", "int8", "layerchop"]
+    base = rows["original"]
+    assert rows["int8"]["disk_bytes"] < 0.3 * base["disk_bytes"] and rows["int8"]["weights"] == base["weights"]
+    chopped = rows["layerchop"]  # half the blocks gone, healed: better after healing than before
+    assert chopped["target_weights"] / base["target_weights"] == 0.5
+    assert chopped["perplexity"]["perplexity"] < chopped["perplexity_before_heal"]["perplexity"]
+    assert rows["int8"]["perplexity"]["perplexity"] < 1.05 * base["perplexity"]["perplexity"]
+    speed = report["speed"]["per_method"]
+    assert speed["original"]["decode_speedup"] == 1.0 and speed["layerchop"]["train_step_s"] > 0
+    assert speed["int8"]["train_step_s"] is None  # packed weights do not train
+    table = (out / "compare.md").read_text()
+    for label in ("int8 (weight-only)", "LayerChop", "removed blocks [14, 15,", "context 512, stride 256"):
+        assert label in table
+    assert (out / "compare.png").stat().st_size > 10_000
+    stamp = (out / "results" / "layerchop.json").stat().st_mtime
+    result = CliRunner().invoke(app, args)  # everything done: reuses results, rewrites the table
+    assert result.exit_code == 0 and (out / "results" / "layerchop.json").stat().st_mtime == stamp
+
+
+def test_compare_refuses_unknown_methods_and_orphan_int4():
+    result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--methods", "svd,awq"])
+    assert result.exit_code == 2 and "unknown method(s) ['awq']" in _flat(result.output)
+    result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--methods", "bondcut_int4"])
+    assert result.exit_code == 2 and "add bondcut to --methods" in _flat(result.output)
