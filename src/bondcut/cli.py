@@ -551,7 +551,7 @@ def compare_command(
     heal_lr: Annotated[float, typer.Option(help="peak learning rate of healing")] = 2e-4,
     distill: Annotated[float, typer.Option(help="distillation weight in healing (teacher: the original)")] = 0.0,
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens for perplexity")] = 8192,
-    tasks: Annotated[str, typer.Option(help="zero-shot tasks: comma list, 'all', or '' for none")] = "",
+    tasks: Annotated[list[str] | None, typer.Option(help=_TASKS_HELP + " (default: none)")] = None,
     task_limit: Annotated[int | None, typer.Option(help="items per zero-shot task (default: all)")] = None,
     methods: Annotated[
         str, typer.Option(help="'all' or a comma list of original,int8,int4,svd,svd_llm,layerchop,bondcut,bondcut_int4")
@@ -565,12 +565,11 @@ def compare_command(
 ) -> None:
     """Original vs int8 vs int4 vs truncated SVD vs aware low rank vs LayerChop vs bondcut (and + int4): one table."""
     from .compare import METHODS, CompareConfig, compare
-    from .zeroshot import check_tasks
 
     chosen = METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
     try:
         config = CompareConfig(ratio=ratio, heal_tokens=heal_tokens, heal_lr=heal_lr, distill=distill,
-                               eval_tokens=eval_tokens, tasks=check_tasks(tasks) if tasks else (),
+                               eval_tokens=eval_tokens, tasks=_parse_tasks(tasks),
                                task_limit=task_limit, methods=chosen,
                                search_evaluations=search, chop_rule=chop_rule, quantize_cores=quantize_cores,
                                threads=threads, bench_repeats=bench_repeats,
