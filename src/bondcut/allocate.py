@@ -39,6 +39,7 @@ class LayerChoice:
     dense_params: int
     error: float  # relative squared output error of the option
     predicted: float  # predicted KL divergence from the original, nats per token
+    bits: int | None = None  # packed storage of the weight or cores (joint allocation); None = float
 
 
 @dataclass
@@ -114,7 +115,7 @@ def choice_of(entry: MatrixCandidates, option: Option, alpha: float) -> LayerCho
     """The plan entry for ``option`` of ``entry``."""
     sites = None if option.layout == "dense" else [list(s) for s in entry.spectra[option.layout].layout]
     return LayerChoice(option.layout, sites, option.chi, option.params, entry.dense_params, option.error,
-                       alpha * option.error)  # fmt: skip
+                       alpha * option.error, option.bits)  # fmt: skip
 
 
 def model_fingerprint(model: nn.Module, names: list[str]) -> str:
@@ -129,19 +130,14 @@ def model_fingerprint(model: nn.Module, names: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def allocate(
+def sensitivities(
     model: nn.Module,
     tokenizer,
     candidates: dict[str, MatrixCandidates],
-    budget: int,
     config,
     on_progress: Callable[[str, int, int], None] | None = None,
-) -> Plan:
-    """Profile the targets (cached per model and settings), fit sensitivities, solve, and optionally search.
-
-    ``config`` is the :class:`bondcut.CompressConfig` (profile and search settings). ``on_progress(stage,
-    done, total)`` reports the profile's and the search's progress.
-    """
+) -> tuple[dict[str, float], dict]:
+    """alpha per matrix, fitted to the (cached) profile's KL; and where the profile came from."""
     from .cache import cache_dir
     from .profile import profile
 
@@ -160,8 +156,25 @@ def allocate(
         raise ValueError(f"the profile {cache} lacks {missing[:3]}; delete it or profile with the same targets")
     alphas = fit_sensitivities({n: result.layers[n].kl for n in names},
                                {n: result.layers[n].error for n in names})  # fmt: skip
+    return alphas, {"path": str(cache), "forward_passes": result.forward_passes, "seconds": result.seconds}
+
+
+def allocate(
+    model: nn.Module,
+    tokenizer,
+    candidates: dict[str, MatrixCandidates],
+    budget: int,
+    config,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> Plan:
+    """Profile the targets (cached per model and settings), fit sensitivities, solve, and optionally search.
+
+    ``config`` is the :class:`bondcut.CompressConfig` (profile and search settings). ``on_progress(stage,
+    done, total)`` reports the profile's and the search's progress.
+    """
+    alphas, source = sensitivities(model, tokenizer, candidates, config, on_progress)
     plan = solve_plan(candidates, alphas, budget)
-    plan.search["profile"] = {"path": str(cache), "forward_passes": result.forward_passes, "seconds": result.seconds}
+    plan.search["profile"] = source
     if config.search_evaluations:
         from .search import refine
 
@@ -173,8 +186,17 @@ def allocate(
     return plan
 
 
-def stand_in_weight(entry: MatrixCandidates, choice: LayerChoice | Option) -> torch.Tensor:
-    """The dense (out x in) matrix a plan choice or option represents (the original weight for "dense")."""
+def stand_in_weight(entry: MatrixCandidates, choice: LayerChoice | Option, group_size: int = 64) -> torch.Tensor:
+    """The dense (out x in) matrix a plan choice or option represents (the original weight for "dense"),
+    including the rounding of its packed storage when the choice has ``bits``."""
+    from .quant.packing import dequantize, quantize
+
+    bits = getattr(choice, "bits", None)
     if choice.layout == "dense":
-        return entry.weight
-    return entry.spectra[choice.layout].dense(choice.chi).to(entry.weight.dtype)
+        return entry.weight if bits is None else dequantize(quantize(entry.weight, bits, group_size)).to(entry.weight.dtype)
+    if bits is None:
+        return entry.spectra[choice.layout].dense(choice.chi).to(entry.weight.dtype)
+    from .mpo import cores_to_dense
+
+    cores = [dequantize(quantize(c, bits, group_size)) for c in entry.spectra[choice.layout].mpo(choice.chi).cores]
+    return cores_to_dense(cores).to(entry.weight.dtype)

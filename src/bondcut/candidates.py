@@ -31,6 +31,8 @@ class Option:
     chi: int | None
     params: int  # weight entries (cores, or the dense matrix); the bias is the same for every option
     error: float  # relative squared output error; 0 for dense
+    bits: int | None = None  # storage: None = the model's float dtype, 8/4 = packed (bondcut.quant)
+    nbytes: int = 0  # bytes stored at that precision (set by the joint allocator; 0 = not priced in bytes)
 
 
 @dataclass

@@ -86,17 +86,28 @@ def compress(
     ] = None,  # fmt: skip
     profile_tokens: Annotated[int, typer.Option(help="calibration tokens per profile evaluation")] = 512,
     search: Annotated[int, typer.Option(help="refine the plan with N real evaluations (EvoPress-style; 0 = off)")] = 0,
+    target_bytes: Annotated[
+        str | None,
+        typer.Option(
+            help="instead of --ratio: weight bytes on disk, e.g. 60MB; MPO, int8/int4 and block deletion "
+            "are chosen jointly"
+        ),
+    ] = None,  # fmt: skip
+    max_deleted_blocks: Annotated[int, typer.Option(help="with --target-bytes: blocks it may delete")] = 4,
 ) -> None:
-    """Replace the self-attention and MLP matrices by MPOs and save the model."""
+    """Replace the self-attention and MLP matrices by MPOs (and, with --target-bytes, pack/delete jointly); save."""
     import bondcut
 
     from .config import CompressConfig
+    from .joint import parse_bytes
     from .sizes import directory_weight_bytes
 
     if out.exists() and not overwrite:
         _fail(f"{out} already exists; pass --overwrite or choose another --out")
     try:
         config = CompressConfig(
+            target_bytes=None if target_bytes is None else parse_bytes(target_bytes),
+            max_deleted_blocks=max_deleted_blocks,
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
             exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens, allocation=allocation,
             ratio_of=ratio_of, profile=None if profile is None else str(profile), profile_tokens=profile_tokens,
@@ -126,6 +137,12 @@ def compress(
         bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite,
                      extra_files={"bondcut_report.json": json.dumps(report.to_dict(), indent=1)})  # fmt: skip
     console.print(summary_table(report, directory_weight_bytes(source), directory_weight_bytes(out)))
+    if report.joint:
+        joint = report.joint
+        console.print(f"joint plan: {len(joint['removed_blocks'])} blocks deleted {joint['removed_blocks']}, embedding "
+                      f"{joint['embedding_bits'] or 'float'}{' bits' if joint['embedding_bits'] else ''}, predicted "
+                      f"{joint['predicted_bytes'] / 1e6:.1f} MB of {joint['budget_bytes'] / 1e6:.1f} MB, "
+                      f"predicted KL {joint['predicted_kl']:.3f} nats/token")  # fmt: skip
     if report.plan:
         console.print(plan_summary(report.plan))
         console.print(plan_table(report.plan))
@@ -546,7 +563,9 @@ def quantize_command(
 def compare_command(
     model: Annotated[str, typer.Argument(help="the original model: HF directory, .gguf file or alias")],
     out: Annotated[Path, typer.Option(help="directory for models, results, compare.md/json/png (resumable)")],
-    ratio: Annotated[float, typer.Option(help="kept fraction of the SA+MLP parameters for the structural methods")] = 0.5,
+    ratio: Annotated[
+        float, typer.Option(help="kept fraction of the SA+MLP parameters for the structural methods")
+    ] = 0.5,
     heal_tokens: Annotated[int, typer.Option(help="healing budget per trained method (0 = no healing)")] = 65536,
     heal_lr: Annotated[float, typer.Option(help="peak learning rate of healing")] = 2e-4,
     distill: Annotated[float, typer.Option(help="distillation weight in healing (teacher: the original)")] = 0.0,
@@ -554,7 +573,10 @@ def compare_command(
     tasks: Annotated[list[str] | None, typer.Option(help=_TASKS_HELP + " (default: none)")] = None,
     task_limit: Annotated[int | None, typer.Option(help="items per zero-shot task (default: all)")] = None,
     methods: Annotated[
-        str, typer.Option(help="'all' or a comma list of original,int8,int4,svd,svd_llm,layerchop,bondcut,bondcut_int4")
+        str,
+        typer.Option(
+            help="'all' or a comma list of original,int8,int4,svd,svd_llm,layerchop,bondcut,bondcut_int4,joint"
+        ),
     ] = "all",
     search: Annotated[int, typer.Option(help="bondcut's search evaluations")] = 48,
     chop_rule: Annotated[str, typer.Option(help="LayerChop's block choice: 'measured' (KL) or 'deepest'")] = "measured",
@@ -562,9 +584,14 @@ def compare_command(
     threads: Annotated[int, typer.Option(help="threads for the speed measurements")] = 2,
     bench_repeats: Annotated[int, typer.Option(help="timed repeats per speed figure (median reported)")] = 3,
     bench_train_batch: Annotated[int, typer.Option(help="sequences of 256 tokens per timed training step")] = 8,
+    target_bytes: Annotated[
+        str | None, typer.Option(help="the joint method's budget, e.g. 60MB (default: bondcut_int4's size)")
+    ] = None,
+    joint_blocks: Annotated[int, typer.Option(help="blocks the joint method may delete")] = 4,
 ) -> None:
     """Original vs int8 vs int4 vs truncated SVD vs aware low rank vs LayerChop vs bondcut (and + int4): one table."""
     from .compare import METHODS, CompareConfig, compare
+    from .joint import parse_bytes
 
     chosen = METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
     try:
@@ -573,7 +600,8 @@ def compare_command(
                                task_limit=task_limit, methods=chosen,
                                search_evaluations=search, chop_rule=chop_rule, quantize_cores=quantize_cores,
                                threads=threads, bench_repeats=bench_repeats,
-                               bench_train_batch=bench_train_batch)  # fmt: skip
+                               bench_train_batch=bench_train_batch, joint_blocks=joint_blocks,
+                               target_bytes=None if target_bytes is None else parse_bytes(target_bytes))  # fmt: skip
     except ValueError as err:
         _fail(str(err))
     _resolve(model)

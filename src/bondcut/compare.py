@@ -7,7 +7,9 @@ Every method starts from the same original model and, where it trains, gets the 
 - ``svd``: truncated SVD at one rank for all SA/MLP matrices; ``svd_llm``: activation-aware low rank
   (SVD-LLM-style whitening) at one rank; ``layerchop``: whole blocks deleted (:mod:`bondcut.layerchop`);
 - ``bondcut``: profile allocation + aware decomposition + search; ``bondcut_int4``: that model after healing,
-  with embeddings, head and dense layers packed to 4 bits (the paper's "MPO + 4-bit" model).
+  with embeddings, head and dense layers packed to 4 bits (the paper's "MPO + 4-bit" model);
+- ``joint``: one byte budget (``target_bytes``, default: bondcut_int4's file size) shared by MPO layouts and χ,
+  int8/int4 packing and block deletion, chosen together (:mod:`bondcut.joint`), then healed.
 
 Each method's model and result land in ``out/models/NAME`` and ``out/results/NAME.json`` (a rerun skips
 what is done: the run resumes). Speed is measured last, every model in its own process, against the original.
@@ -27,10 +29,11 @@ from torch import nn
 
 from .cache import atomic_write_text
 from .config import CompressConfig
+from .mpo_linear import MPOLinear
 
-METHODS = ("original", "int8", "int4", "svd", "svd_llm", "layerchop", "bondcut", "bondcut_int4")
+METHODS = ("original", "int8", "int4", "svd", "svd_llm", "layerchop", "bondcut", "bondcut_int4", "joint")
 QUANTIZED = {"int8": 8, "int4": 4}
-HEALED = ("svd", "svd_llm", "layerchop", "bondcut")
+HEALED = ("svd", "svd_llm", "layerchop", "bondcut", "joint")
 
 
 @dataclass
@@ -48,6 +51,8 @@ class CompareConfig:
     search_evaluations: int = 48
     chop_rule: str = "measured"
     quantize_cores: bool = False
+    target_bytes: int | None = None  # the joint method's budget; None = the size of bondcut_int4's weights
+    joint_blocks: int = 4
     group_size: int = 64
     bench_repeats: int = 3
     bench_train_batch: int = 8
@@ -60,6 +65,10 @@ class CompareConfig:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}, e.g. --methods svd,bondcut")
         if "bondcut_int4" in self.methods and "bondcut" not in self.methods:
             raise ValueError("method bondcut_int4 quantizes the bondcut model: add bondcut to --methods")
+        if "joint" in self.methods and self.target_bytes is None and "bondcut_int4" not in self.methods:
+            raise ValueError(
+                "method joint matches bondcut_int4's bytes: add bondcut,bondcut_int4 or give --target-bytes"
+            )
         if not 0 < self.ratio < 1:
             raise ValueError(f"ratio (kept fraction of SA+MLP parameters) must be in (0, 1), got {self.ratio}")
         if self.heal_tokens < 0 or self.eval_tokens < 2:
@@ -131,12 +140,18 @@ def _compress_config(method: str, config: CompareConfig) -> CompressConfig:
     }[method]()
 
 
-def build(method: str, model: nn.Module, tokenizer, config: CompareConfig) -> str:
+def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, target_bytes: int | None = None) -> str:
     """Turn ``model`` (a fresh copy of the original) into ``method``'s model, in place; returns a note."""
     from .quant import QuantizeConfig, quantize_model
+    from .surgery import compress
 
     if method == "original":
         return ""
+    if method == "joint":
+        joint = compress(model, CompressConfig(target_bytes=target_bytes, max_deleted_blocks=config.joint_blocks,
+                                               group_size=config.group_size), tokenizer=tokenizer).joint  # fmt: skip
+        return (f"joint plan for {target_bytes / 1e6:.1f} MB: blocks deleted {joint['removed_blocks']}, embedding "
+                f"{joint['embedding_bits'] or 'float'}")  # fmt: skip
     if method in QUANTIZED:
         quantize_model(model, QuantizeConfig(bits=QUANTIZED[method], group_size=config.group_size))
         return f"weight-only int{QUANTIZED[method]}, groups of {config.group_size}, embeddings and head included"
@@ -145,7 +160,6 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig) -> st
 
         report = chop(model, tokenizer, 1 - config.ratio, rule=config.chop_rule)
         return f"removed blocks {report.removed} ({config.chop_rule} rule)"
-    from .surgery import compress
 
     report = compress(model, _compress_config(method, config), tokenizer=tokenizer)
     if report.uniform_chi is not None:
@@ -199,11 +213,15 @@ def run_method(
             ", cores int4" if config.quantize_cores else ""
         )
     else:
-        note = build(method, model, tokenizer, config)
+        target = config.target_bytes
+        if method == "joint" and target is None:
+            target = json.loads((out / "results" / "bondcut_int4.json").read_text())["disk_bytes"]
+        note = build(method, model, tokenizer, config, target)
     build_s = time.perf_counter() - start
     before = None
     heal_s = 0.0
-    if method in HEALED and config.heal_tokens:
+    trains = method != "joint" or any(isinstance(m, MPOLinear) for m in model.modules())  # packed cores do not
+    if method in HEALED and config.heal_tokens and trains:
         stage(method, "quality before healing")
         before = _quality(model, tokenizer, config, tasks=False)["perplexity"]
         stage(method, "healing")

@@ -17,6 +17,7 @@ LABELS = {
     "layerchop": "LayerChop",
     "bondcut": "bondcut MPO",
     "bondcut_int4": "bondcut MPO + int4",
+    "joint": "bondcut joint search (same bytes)",
 }
 
 

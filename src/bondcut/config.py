@@ -44,6 +44,11 @@ class CompressConfig:
         profile_fractions: kept fractions at which every matrix's loss increase is measured.
         search_evaluations: budget of real evaluations to refine the profile plan (0 = none).
         search_tokens: calibration tokens per search evaluation.
+        target_bytes: instead of ``ratio``: bytes the weights may take on disk; the joint allocator
+            (:mod:`bondcut.joint`) then chooses per matrix layout, chi and packed precision (float, int8, int4),
+            the embedding's precision and up to ``max_deleted_blocks`` whole blocks to delete.
+        max_deleted_blocks: how many blocks the joint allocator may delete (0 = none).
+        joint_bits: packed precisions the joint allocator may use; ``group_size``: weights per scale.
     """
 
     chi: int | dict[str, int] | None = None
@@ -63,13 +68,23 @@ class CompressConfig:
     profile_fractions: tuple[float, ...] = (0.1, 0.3)
     search_evaluations: int = 0
     search_tokens: int = 1024
+    target_bytes: int | None = None
+    max_deleted_blocks: int = 4
+    joint_bits: tuple[int, ...] = (8, 4)
+    group_size: int = 64
 
     def __post_init__(self) -> None:
-        example = "e.g. CompressConfig(ratio=0.5) or CompressConfig(chi=64)"
-        if self.ratio is not None and (self.chi is not None or self.tol is not None):
-            raise ValueError(f"give either ratio, or chi and/or tol, not both; {example}")
-        if self.ratio is None and self.chi is None and self.tol is None:
-            raise ValueError(f"no size given: set chi, ratio or tol; {example}")
+        example = "e.g. CompressConfig(ratio=0.5), CompressConfig(chi=64) or CompressConfig(target_bytes=60_000_000)"
+        controls = [self.ratio is not None, self.chi is not None or self.tol is not None, self.target_bytes is not None]
+        if sum(controls) > 1:
+            raise ValueError(f"give one size control: ratio, target_bytes, or chi and/or tol; {example}")
+        if not any(controls):
+            raise ValueError(f"no size given: set chi, ratio, tol or target_bytes; {example}")
+        if self.target_bytes is not None and self.target_bytes <= 0:
+            raise ValueError(f"target_bytes must be positive, got {self.target_bytes}; {example}")
+        if self.max_deleted_blocks < 0 or any(b not in (8, 4) for b in self.joint_bits):
+            raise ValueError(f"max_deleted_blocks must be >= 0 and joint_bits a subset of (8, 4), got "
+                             f"{self.max_deleted_blocks}, {self.joint_bits}")  # fmt: skip
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise ValueError(f"ratio is the kept fraction of parameters and must be in (0, 1], got {self.ratio}")
         if self.tol is not None and not 0 <= self.tol < 1:
@@ -100,7 +115,7 @@ class CompressConfig:
     @property
     def allocates(self) -> bool:
         """True when ``ratio`` is met by the profile-based allocator (not one uniform chi)."""
-        return self.ratio is not None and self.allocation == "profile"
+        return (self.ratio is not None and self.allocation == "profile") or self.target_bytes is not None
 
     @property
     def candidate_layouts(self) -> tuple[str, ...]:

@@ -47,6 +47,7 @@ class CompressionReport:
     model_params_after: int = 0
     uniform_chi: int | None = None
     plan: dict | None = None  # the allocation plan (bondcut.allocate.Plan.to_dict()), with profile allocation
+    joint: dict | None = None  # with target_bytes: deleted blocks, embedding bits, the outer search's trials
 
     @property
     def target_params_before(self) -> int:
@@ -60,6 +61,7 @@ class CompressionReport:
         return {
             "uniform_chi": self.uniform_chi,
             "plan": self.plan,
+            "joint": self.joint,
             "model_params_before": self.model_params_before,
             "model_params_after": self.model_params_after,
             "target_params_before": self.target_params_before,
@@ -199,7 +201,10 @@ def compress(
         progress = None if on_stage is None else lambda done, total: on_stage("statistics", done, total)
         covariances, _ = input_covariances(model, tokenizer, list(modules), tokens=config.calibration_tokens,
                                            on_window=progress)  # fmt: skip
-    if config.allocates:
+    joint = None
+    if config.target_bytes is not None:
+        decide, joint = _joint_decisions(model, tokenizer, config, weights, covariances, report, on_stage)
+    elif config.allocates:
         decide = _allocated_decisions(model, tokenizer, config, weights, covariances, report, on_stage)
     else:
         decide = _fixed_decisions(model, config, weights, covariances, report)
@@ -237,6 +242,10 @@ def compress(
         log.debug("compressed %s: %s", target.name, layer_report)
         if on_layer is not None:
             on_layer(layer_report, index, len(targets))
+    if joint is not None:
+        from .joint import apply_storage
+
+        apply_storage(model, joint)
     report.model_params_after = sum(p.numel() for p in model.parameters())
     attach_layout_config(model, **({"plan": report.plan} if report.plan else {}))
     return report
@@ -265,6 +274,31 @@ def _fixed_decisions(model, config: CompressConfig, weights, covariances, report
         return decompose(weight, sites=layout, chi=chi, tol=config.tol), ""
 
     return decide
+
+
+def _joint_decisions(model, tokenizer, config: CompressConfig, weights, covariances, report, on_stage):
+    """Per-matrix layout, chi and precision, embedding precision and deleted blocks from the joint allocator."""
+    from .candidates import build_candidates
+    from .joint import allocate_joint
+
+    progress = None if on_stage is None else lambda name, done, total: on_stage("candidates", done, total)
+    candidates = build_candidates(weights, covariances or None, config.candidate_layouts, config.damping, progress)
+    joint = allocate_joint(model, tokenizer, candidates, covariances or None, config, on_stage)
+    covariances.clear()
+    report.plan = joint.plan.to_dict()
+    report.joint = {k: v for k, v in joint.to_dict().items() if k != "plan"}
+
+    def decide(name: str):
+        choice = joint.plan.layers.get(name)
+        if choice is None:
+            return None, "its block is deleted by the joint plan"
+        if choice.layout == "dense":
+            return None, "kept dense by the joint plan" + (f" (packed to {choice.bits} bits)" if choice.bits else "")
+        mpo = candidates[name].spectra[choice.layout].mpo(choice.chi)
+        del candidates[name]
+        return mpo, ""
+
+    return decide, joint
 
 
 def _allocated_decisions(model, tokenizer, config: CompressConfig, weights, covariances, report, on_stage) -> Decision:

@@ -27,6 +27,7 @@ class QuantizeConfig:
     cores: bool = False
     embeddings: bool = True
     linear: bool = True
+    only: tuple[str, ...] | None = None  # pack exactly these Linear/MPO modules (by name), whatever ``cores`` says
 
     def __post_init__(self) -> None:
         check_bits(self.bits, self.group_size)
@@ -73,14 +74,15 @@ def quantize_model(model: nn.Module, config: QuantizeConfig) -> QuantizeReport:
     embedding_name, head_name = _name_of(model, embedding), _name_of(model, head)
     tied = head is not None and isinstance(embedding, nn.Embedding) and head.weight is embedding.weight
 
+    only = None if config.only is None else set(config.only)
     for name, module in list(model.named_modules()):
-        if name == head_name:
+        if name == head_name or (only is not None and name not in only):
             continue
         if config.linear and _is_dense(module):
             weight = dense_weight(module)
             new = QuantLinear(quantize(weight, config.bits, config.group_size), module.bias, weight.dtype)
             report.add("linear", _tensor_bytes(weight), _tensor_bytes(*_buffers(new)))
-        elif config.cores and isinstance(module, MPOLinear):
+        elif (config.cores or only is not None) and isinstance(module, MPOLinear):
             packed = [quantize(c, config.bits, config.group_size) for c in module.cores]
             new = QuantMPOLinear(module.sites, module.bond_dims, packed, module.bias, module.source_kind,
                                  module.cores[0].dtype)  # fmt: skip

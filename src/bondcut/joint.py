@@ -1,0 +1,273 @@
+"""One budget, one search: bytes on disk shared among MPO layouts and χ, packed precision, and whole blocks.
+
+Per SA/MLP matrix the options are every priced (layout, χ) of :mod:`bondcut.candidates` and dense, each stored
+in the model's float dtype or packed to 8 or 4 bits (:mod:`bondcut.quant`). Per model, the token embedding
+(and the LM head) is float, int8 or int4, and up to ``max_blocks`` decoder blocks may be deleted (LayerChop).
+
+Predicted damage, in nats of KL to the original per token, adds up:
+- a matrix option: alpha_l * e, with alpha_l fitted to the profile (:mod:`bondcut.allocate`) and e its relative
+  output error. Packing adds its own output error: measured exactly for a dense matrix (one product with the
+  whitened inputs), and for MPO cores taken as (number of cores) x that of the dense matrix at the same bits
+  (each core's rounding adds a relative error of about the same size);
+- the embedding's precision: its KL measured directly on calibration tokens;
+- deleting k blocks: the KL measured when the greedy LayerChop order removes them (:func:`choose_blocks`).
+For every k in 0..max_blocks, the exact multiple-choice knapsack (in bytes) picks the matrices' options and
+the embedding's precision; the k with the least predicted total wins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .allocate import LayerChoice, Plan, choice_of
+from .candidates import MatrixCandidates, Option, OutputError
+from .knapsack import solve_knapsack
+from .mpo.whiten import cholesky_factor
+from .quant.packing import dequantize, quantize
+
+EMBEDDING = "<embedding>"  # the knapsack item of the token embedding (and the LM head)
+
+
+def bytes_per_weight(bits: int | None, float_bytes: int, group_size: int) -> float:
+    """Stored bytes per weight entry: the float dtype, or packed codes plus an fp16 scale and offset per group."""
+    return float(float_bytes) if bits is None else (bits + 32 / group_size) / 8
+
+
+def parse_bytes(text: str | int) -> int:
+    """'30MB' -> 30_000_000, '1.5GiB' -> 1.5 * 2**30, '12345' -> 12345 (decimal and binary units)."""
+    if isinstance(text, int):
+        return text
+    units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
+    raw = text.strip().lower().replace(" ", "")
+    for unit in sorted(units, key=len, reverse=True):
+        if raw.endswith(unit):
+            number, scale = raw[: -len(unit)], units[unit]
+            break
+    else:
+        number, scale = raw, 1
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise ValueError(f"a size must be a positive number of bytes such as 30MB, 120MiB or 31457280, got {text!r}")
+    return int(value)
+
+
+@dataclass
+class JointPlan:
+    """The joint allocation: per-matrix choices (with bits), deleted blocks, the embedding's precision."""
+
+    plan: Plan
+    removed_blocks: list[int]
+    embedding_bits: int | None
+    budget_bytes: int
+    predicted_bytes: int
+    predicted_kl: float
+    group_size: int
+    by_deletions: list[dict] = field(default_factory=list)  # k -> predicted KL and bytes, the outer search
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "plan": self.plan.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JointPlan:
+        return cls(**{**data, "plan": Plan.from_dict(data["plan"])})
+
+
+def quantization_errors(
+    weights: dict[str, torch.Tensor], covariances: dict[str, torch.Tensor] | None, bits: tuple[int, ...],
+    group_size: int, damping: float,
+) -> dict[str, dict[int, float]]:  # fmt: skip
+    """Relative output error of packing each dense matrix at each bit width (weight error without statistics)."""
+    out = {}
+    for name, weight in weights.items():
+        if covariances:
+            metric = OutputError(weight, cholesky_factor(covariances[name], damping))
+        else:
+            norm_sq = float((weight.float() ** 2).sum())
+            metric = lambda approx, w=weight, n=norm_sq: float(((w.float() - approx.float()) ** 2).sum()) / n  # noqa: E731
+        out[name] = {b: metric(dequantize(quantize(weight, b, group_size))) for b in bits}
+    return out
+
+
+def priced_options(
+    entry: MatrixCandidates, deltas: dict[int, float], float_bytes: int, group_size: int
+) -> list[Option]:
+    """Every option at every precision, priced in bytes, keeping only those no other beats on bytes and error."""
+    options = []
+    for option in entry.options:
+        options.append(replace(option, nbytes=math.ceil(option.params * float_bytes)))
+        cores = 1 if option.layout == "dense" else len(entry.spectra[option.layout].layout)
+        for bits, delta in deltas.items():
+            nbytes = math.ceil(option.params * bytes_per_weight(bits, float_bytes, group_size))
+            options.append(replace(option, bits=bits, error=option.error + cores * delta, nbytes=nbytes))
+    frontier: list[Option] = []
+    for option in sorted(options, key=lambda o: (o.nbytes, o.error)):
+        if not frontier or option.error < frontier[-1].error:
+            frontier.append(option)
+    return frontier
+
+
+@torch.no_grad()
+def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...], group_size: int) -> dict[int, float]:
+    """KL to the original per token when the embedding (and an untied head) is rounded to each bit width."""
+    from .quant.packing import group_dividing
+
+    tensors = {id(p): p for p in (model.get_input_embeddings().weight, _head_weight(model)) if p is not None}
+
+    def logprobs() -> torch.Tensor:
+        return torch.log_softmax(model(windows, use_cache=False).logits[:, :-1].float(), -1)
+
+    reference = logprobs()
+    out = {}
+    for b in bits:
+        saved = {k: p.detach().clone() for k, p in tensors.items()}
+        for p in tensors.values():
+            p.copy_(dequantize(quantize(p, b, group_dividing(p.shape[1], group_size))))
+        try:
+            out[b] = float((reference.exp() * (reference - logprobs())).sum(-1).mean())
+        finally:
+            for k, p in tensors.items():
+                p.copy_(saved[k])
+    return out
+
+
+def _head_weight(model: nn.Module) -> torch.Tensor | None:
+    head = model.get_output_embeddings()
+    return None if head is None else head.weight
+
+
+def embedding_bytes(model: nn.Module) -> int:
+    """Float bytes of the embedding plus an untied head (a tied head is stored once)."""
+    tensors = {id(p): p for p in (model.get_input_embeddings().weight, _head_weight(model)) if p is not None}
+    return sum(p.numel() * p.element_size() for p in tensors.values())
+
+
+def solve_joint(
+    options: dict[str, list[Option]],
+    alphas: dict[str, float],
+    embedding: dict[int | None, tuple[int, float]],
+    block_of: dict[str, int],
+    deletion_order: list[int],
+    deletion_kls: list[float],
+    block_fixed_bytes: dict[int, int],
+    budget_bytes: int,
+    fixed_bytes: int,
+    group_size: int,
+    on_solve: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, Option], int | None, list[int], dict]:
+    """The knapsack per number of deleted blocks; the best total. ``embedding``: bits -> (bytes, KL)."""
+    best, trials = None, []
+    embedding_bits = list(embedding)
+    for k in range(len(deletion_order) + 1):
+        gone = set(deletion_order[:k])
+        names = [n for n in options if block_of[n] not in gone]
+        budget = budget_bytes - fixed_bytes + sum(block_fixed_bytes[b] for b in gone)
+        sizes = [[o.nbytes for o in options[n]] for n in names] + [[embedding[b][0] for b in embedding_bits]]
+        costs = [[alphas[n] * o.error for o in options[n]] for n in names] + [[embedding[b][1] for b in embedding_bits]]
+        base = deletion_kls[k - 1] if k else 0.0
+        try:
+            picks = solve_knapsack(sizes, costs, budget)
+        except ValueError:
+            trials.append({"deleted": k, "feasible": False})
+            continue
+        total = base + sum(costs[i][p] for i, p in enumerate(picks))
+        used = fixed_bytes - sum(block_fixed_bytes[b] for b in gone) + sum(sizes[i][p] for i, p in enumerate(picks))
+        trials.append({"deleted": k, "feasible": True, "predicted_kl": total, "bytes": used})
+        if best is None or total < best[0]:
+            chosen = {n: options[n][p] for n, p in zip(names, picks)}
+            best = (total, chosen, embedding_bits[picks[-1]], sorted(gone), used)
+        if on_solve is not None:
+            on_solve(k + 1, len(deletion_order) + 1)
+    if best is None:
+        raise ValueError(f"no way to fit {budget_bytes:,} bytes: even every matrix at its smallest option and the "
+                         f"embedding at 4 bits exceed it (fixed parts alone: {fixed_bytes:,}); ask for more bytes")  # fmt: skip
+    total, chosen, bits, gone, used = best
+    return chosen, bits, gone, {"trials": trials, "predicted_kl": total, "bytes": used}
+
+
+def joint_plan(
+    candidates: dict[str, MatrixCandidates],
+    alphas: dict[str, float],
+    chosen: dict[str, Option],
+    deleted: list[int],
+    embedding_bits: int | None,
+    budget_bytes: int,
+    group_size: int,
+    stats: dict,
+) -> JointPlan:
+    """Wrap the solver's picks as a :class:`JointPlan` (matrices of deleted blocks are left out of the plan)."""
+    layers: dict[str, LayerChoice] = {n: choice_of(candidates[n], o, alphas[n]) for n, o in chosen.items()}
+    plan = Plan(layers=layers, budget=budget_bytes, method="joint-knapsack", predicted_loss=stats["predicted_kl"])
+    return JointPlan(plan, deleted, embedding_bits, budget_bytes, stats["bytes"], stats["predicted_kl"], group_size,
+                     stats["trials"])  # fmt: skip
+
+
+def allocate_joint(
+    model: nn.Module,
+    tokenizer,
+    candidates: dict[str, MatrixCandidates],
+    covariances: dict[str, torch.Tensor] | None,
+    config,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> JointPlan:
+    """Measure what the joint solver needs (sensitivities, packing errors, embedding KLs, block deletions), solve."""
+    from .allocate import sensitivities
+    from .calibration import calibration_windows
+    from .layerchop import choose_blocks
+    from .replay import block_list
+
+    names = list(candidates)
+    weights = {n: c.weight for n, c in candidates.items()}
+    alphas, source = sensitivities(model, tokenizer, candidates, config, on_progress)
+    deltas = quantization_errors(weights, covariances, tuple(config.joint_bits), config.group_size, config.damping)
+    float_bytes = next(model.parameters()).element_size()
+    options = {n: priced_options(candidates[n], deltas[n], float_bytes, config.group_size) for n in names}
+    windows = calibration_windows(tokenizer, config.search_tokens, min(512, config.search_tokens))
+    kls = embedding_kls(model, windows, tuple(config.joint_bits), config.group_size)
+    emb_numel = embedding_bytes(model) // float_bytes
+    embedding = {None: (embedding_bytes(model), 0.0)}
+    embedding.update({b: (math.ceil(emb_numel * bytes_per_weight(b, float_bytes, config.group_size)), kls[b])
+                      for b in config.joint_bits})  # fmt: skip
+    blocks, index = block_list(model, names)
+    block_of = {n: int(index.match(n).group(1)) for n in names}
+    order, deletion_kls = [], []
+    if config.max_deleted_blocks:
+        order, deletion_kls = choose_blocks(model, tokenizer, min(config.max_deleted_blocks, len(blocks) - 1),
+                                            rule="measured", calibration_tokens=config.search_tokens,
+                                            context=min(512, config.search_tokens))  # fmt: skip
+    target_ids = {id(p) for c in names for p in model.get_submodule(c).parameters()}
+    emb_ids = {id(model.get_input_embeddings().weight)} | (
+        {id(_head_weight(model))} if _head_weight(model) is not None else set()
+    )
+    fixed = {id(p): p.numel() * p.element_size() for p in model.parameters() if id(p) not in target_ids | emb_ids}
+    block_fixed = {i: sum(fixed.get(id(p), 0) for p in block.parameters()) for i, block in enumerate(blocks)}
+    budget = int(config.target_bytes)
+    chosen, bits, gone, stats = solve_joint(options, alphas, embedding, block_of, order, deletion_kls, block_fixed,
+                                            budget, sum(fixed.values()), config.group_size)  # fmt: skip
+    plan = joint_plan(candidates, alphas, chosen, gone, bits, budget, config.group_size, stats)
+    plan.plan.search["profile"] = source
+    plan.plan.search["embedding_kl"] = kls
+    plan.plan.search["deletion_order"] = {"blocks": order, "kl": deletion_kls}
+    return plan
+
+
+def apply_storage(model: nn.Module, plan: JointPlan) -> None:
+    """After the MPO surgery: pack what the plan packs (matrices, embedding), then delete its blocks."""
+    from .layerchop import remove_blocks
+    from .quant import QuantizeConfig, quantize_model
+
+    packed = {n: c.bits for n, c in plan.plan.layers.items() if c.bits is not None}
+    for bits in sorted(set(packed.values())):
+        only = tuple(n for n, b in packed.items() if b == bits)
+        quantize_model(model, QuantizeConfig(bits=bits, group_size=plan.group_size, embeddings=False, only=only))
+    if plan.embedding_bits is not None:
+        quantize_model(model, QuantizeConfig(bits=plan.embedding_bits, group_size=plan.group_size, linear=False))
+    if plan.removed_blocks:
+        remove_blocks(model, plan.removed_blocks)

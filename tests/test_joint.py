@@ -1,0 +1,107 @@
+"""Joint allocation under a byte budget: the solver against brute force, pricing, and the trained model end to end
+(the saved file fits the budget, reloads with the same logits)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bondcut
+from bondcut.candidates import Option, build_candidates
+from bondcut.joint import parse_bytes, priced_options, quantization_errors, solve_joint
+from bondcut.sizes import directory_weight_bytes
+
+
+def test_parse_bytes_units_and_errors():
+    assert parse_bytes("30MB") == 30_000_000
+    assert parse_bytes("1.5 GiB") == int(1.5 * 2**30)
+    assert parse_bytes("12345") == 12345
+    for bad in ("-3MB", "lots", "0"):
+        with pytest.raises(ValueError, match="positive number of bytes"):
+            parse_bytes(bad)
+
+
+def _option(nbytes: int, error: float) -> Option:
+    return Option("lowrank", 1, nbytes, error, nbytes=nbytes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.lists(st.lists(st.tuples(st.integers(1, 30), st.floats(0, 1)), min_size=1, max_size=3), min_size=4,
+                  max_size=4),
+    deletion_kls=st.lists(st.floats(0, 2), min_size=2, max_size=2),
+    emb=st.lists(st.tuples(st.integers(1, 20), st.floats(0, 1)), min_size=1, max_size=3),
+    budget=st.integers(10, 120),
+)  # fmt: skip
+def test_solver_matches_brute_force(data, deletion_kls, emb, budget):
+    names = ["a", "b", "c", "d"]  # a, b in block 0; c, d in block 1
+    options = {n: [_option(s, e) for s, e in opts] for n, opts in zip(names, data)}
+    block_of = {"a": 0, "b": 0, "c": 1, "d": 1}
+    embedding = {i: (s, e) for i, (s, e) in enumerate(emb)}
+    fixed, block_fixed = 5, {0: 2, 1: 2}
+    order = [1, 0]
+    best = None
+    for k in range(3):
+        gone = set(order[:k])
+        kept = [n for n in names if block_of[n] not in gone]
+        for picks in itertools.product(*(range(len(options[n])) for n in kept), range(len(emb))):
+            size = fixed - sum(block_fixed[b] for b in gone) + embedding[picks[-1]][0]
+            size += sum(options[n][p].nbytes for n, p in zip(kept, picks))
+            cost = (deletion_kls[k - 1] if k else 0) + embedding[picks[-1]][1]
+            cost += sum(options[n][p].error for n, p in zip(kept, picks))
+            if size <= budget and (best is None or cost < best - 1e-12):
+                best = cost
+    alphas = dict.fromkeys(names, 1.0)
+    if best is None:
+        with pytest.raises(ValueError, match="no way to fit"):
+            solve_joint(options, alphas, embedding, block_of, order, deletion_kls, block_fixed, budget, fixed, 64)
+        return
+    chosen, _, gone, stats = solve_joint(options, alphas, embedding, block_of, order, deletion_kls, block_fixed,
+                                         budget, fixed, 64)  # fmt: skip
+    assert stats["bytes"] <= budget
+    assert set(chosen) == {n for n in names if block_of[n] not in set(gone)}
+    assert stats["predicted_kl"] == pytest.approx(best, abs=1e-9)
+
+
+def test_priced_options_are_a_frontier_with_exact_dense_packing_errors(trained_model):
+    model, _ = trained_model
+    weight = model.model.layers[4].self_attn.o_proj.weight.detach()
+    candidates = build_candidates({"o": weight}, None, ("lowrank",))
+    deltas = quantization_errors({"o": weight}, None, (8, 4), 64, 1e-2)["o"]
+    assert 0 < deltas[8] < deltas[4] < 0.05
+    options = priced_options(candidates["o"], deltas, 4, 64)
+    sizes, errors = [o.nbytes for o in options], [o.error for o in options]
+    assert sizes == sorted(sizes) and errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)
+    dense = {o.bits: o for o in options if o.layout == "dense"}
+    assert dense[None].error == 0 and dense[None].nbytes == weight.numel() * 4
+    assert dense[4].error == pytest.approx(deltas[4]) and dense[4].nbytes == weight.numel() * 9 // 16
+    assert any(o.bits == 4 and o.layout == "lowrank" for o in options)  # packed low rank is on the frontier
+
+
+def test_target_bytes_compress_fits_the_file_and_reloads(fresh_trained_model, prompt_ids, tmp_path):
+    model, tokenizer = fresh_trained_model
+    # fp32 file: 538 MB = 113 MB embedding + 28 MB in blocks 2-3's matrices + 397 MB the rest (kept as it is)
+    target = 430_000_000
+    config = bondcut.CompressConfig(target_bytes=target, max_deleted_blocks=1, include=["re:layers\\.(2|3)\\."],
+                                    profile=str(tmp_path / "profile.json"), search_tokens=256, profile_tokens=256,
+                                    calibration_tokens=1024)  # fmt: skip
+    report = bondcut.compress(model, config, tokenizer=tokenizer)
+    joint = report.joint
+    assert joint["predicted_bytes"] <= target
+    assert joint["embedding_bits"] in (8, 4)  # the only way to get under 430 MB
+    with torch.no_grad():
+        logits = model(prompt_ids).logits
+    bondcut.save(model, tmp_path / "joint", tokenizer=tokenizer)
+    assert directory_weight_bytes(tmp_path / "joint") <= target * 1.001  # safetensors header aside
+    reloaded, _ = bondcut.load(tmp_path / "joint")
+    with torch.no_grad():
+        assert torch.equal(reloaded(prompt_ids).logits, logits)
+
+
+def test_target_bytes_excludes_other_size_controls():
+    with pytest.raises(ValueError, match="one size control"):
+        bondcut.CompressConfig(ratio=0.5, target_bytes=10**8)
