@@ -74,6 +74,7 @@ def test_saved_int4_model_is_small_and_reloads_with_the_same_logits(int4_model, 
     config = json.loads((tmp_path / "q4" / "config.json").read_text())
     layers = config["quantization_config"]["quantized"]
     assert layers["lm_head"] == {"kind": "tied_head", "embedding": "model.embed_tokens"}
+    assert config["quantization_config"]["format_version"] == 2  # packed layers: older readers must refuse
     assert config["tie_word_embeddings"] is False
     original_bytes = directory_weight_bytes(bondcut.resolve_model("smollm2-135m"))
     assert directory_weight_bytes(tmp_path / "q4") < 0.16 * original_bytes

@@ -105,7 +105,9 @@ def attach_layout_config(model: nn.Module, **extra: Any) -> None:
         extra = {**extra, "quantized": quantized}
     else:
         kept.pop("quantized", None)
-    model.config.quantization_config = BondcutMPOConfig(layers=mpo_layouts(model), **{**kept, **extra})
+    version = FORMAT_VERSION if quantized else 1  # MPO-only directories stay readable by bondcut 0.1 readers
+    model.config.quantization_config = BondcutMPOConfig(layers=mpo_layouts(model), format_version=version,
+                                                        **{**kept, **extra})  # fmt: skip
 
 
 def has_bondcut_layers(model: nn.Module) -> bool:

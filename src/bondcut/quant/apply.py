@@ -35,7 +35,7 @@ class QuantizeConfig:
 
 @dataclass
 class QuantizeReport:
-    """Bytes of the weights each kind of module held before (fp32 or their dtype) and after packing."""
+    """Bytes each kind of module held before (weights and biases, in their dtype) and after packing."""
 
     layouts: dict[str, dict] = field(default_factory=dict)
     bytes_before: dict[str, int] = field(default_factory=dict)
@@ -81,12 +81,12 @@ def quantize_model(model: nn.Module, config: QuantizeConfig) -> QuantizeReport:
         if config.linear and _is_dense(module):
             weight = dense_weight(module)
             new = QuantLinear(quantize(weight, config.bits, config.group_size), module.bias, weight.dtype)
-            report.add("linear", _tensor_bytes(weight), _tensor_bytes(*_buffers(new)))
+            report.add("linear", _tensor_bytes(weight, module.bias), _tensor_bytes(*_buffers(new)))
         elif (config.cores or only is not None) and isinstance(module, MPOLinear):
             packed = [quantize(c, config.bits, config.group_size) for c in module.cores]
             new = QuantMPOLinear(module.sites, module.bond_dims, packed, module.bias, module.source_kind,
                                  module.cores[0].dtype)  # fmt: skip
-            report.add("mpo_cores", _tensor_bytes(*module.cores), _tensor_bytes(*_buffers(new)))
+            report.add("mpo_cores", _tensor_bytes(*module.cores, module.bias), _tensor_bytes(*_buffers(new)))
         else:
             continue
         _set(model, name, new)
@@ -108,7 +108,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig) -> QuantizeReport:
     if head is not None and not tied and config.embeddings and _is_dense(head):
         weight = dense_weight(head)
         new_head = QuantLinear(quantize(weight, config.bits, config.group_size), head.bias, weight.dtype)
-        report.add("lm_head", _tensor_bytes(weight), _tensor_bytes(*_buffers(new_head)))
+        report.add("lm_head", _tensor_bytes(weight, head.bias), _tensor_bytes(*_buffers(new_head)))
         _set(model, head_name, new_head)
         report.layouts[head_name] = new_head.layout()
     return report
