@@ -72,7 +72,7 @@ def test_a_pattern_matching_nothing_is_an_error(fresh_trained_model):
     "kwargs,message",
     [
         ({}, "no size given"),
-        ({"ratio": 0.5, "chi": 4}, "either ratio"),
+        ({"ratio": 0.5, "chi": 4}, "one size control"),
         ({"ratio": 1.5}, "must be in \\(0, 1\\]"),
         ({"chi": 0}, "positive int"),
         ({"chi": 4, "sites": "kron"}, "sites must be"),
