@@ -4,7 +4,7 @@ Public API::
 
     import bondcut
     model, tok = bondcut.load("smollm2-135m")
-    report = bondcut.compress(model, bondcut.CompressConfig(ratio=0.5))
+    report = bondcut.compress(model, bondcut.CompressConfig(ratio=0.5), tokenizer=tok)
     bondcut.save(model, "smollm2-50", tokenizer=tok)
     model, tok = bondcut.load("smollm2-50")
     bondcut.heal(model, tok, bondcut.HealConfig(tokens=262144))  # short retraining of the cores
