@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import bondcut
 from bondcut.candidates import Option, build_candidates
-from bondcut.joint import parse_bytes, priced_options, quantization_errors, solve_joint
+from bondcut.joint import parse_bytes, priced_options, solve_joint
 from bondcut.sizes import directory_weight_bytes
 
 
@@ -70,8 +70,8 @@ def test_solver_matches_brute_force(data, deletion_kls, emb, budget):
 def test_priced_options_are_a_frontier_with_exact_dense_packing_errors(trained_model):
     model, _ = trained_model
     weight = model.model.layers[4].self_attn.o_proj.weight.detach()
-    candidates = build_candidates({"o": weight}, None, ("lowrank",))
-    deltas = quantization_errors({"o": weight}, None, (8, 4), 64, 1e-2)["o"]
+    candidates = build_candidates({"o": weight}, None, ("lowrank",), packing_bits=(8, 4), group_size=64)
+    deltas = candidates["o"].packing_errors
     assert 0 < deltas[8] < deltas[4] < 0.05
     options = priced_options(candidates["o"], deltas, 4, 64)
     sizes, errors = [o.nbytes for o in options], [o.error for o in options]

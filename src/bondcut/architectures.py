@@ -79,3 +79,9 @@ def find_targets(module_names: list[str], model_type: str) -> list[TargetMatch]:
             "name the modules by hand with CompressConfig(modules=[...])"
         )
     return found
+
+
+def targets_of(model) -> list[TargetMatch]:
+    """The SA/MLP matrices of ``model`` by its architecture's table, whatever they are now (dense, MPO, packed):
+    the table's names end in the matrix's own name, so submodules such as an MPO's cores never match."""
+    return find_targets([name for name, _ in model.named_modules()], model.config.model_type)

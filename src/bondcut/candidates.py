@@ -16,6 +16,7 @@ import torch
 
 from .mpo import SiteLayoutError, TwoSiteSpectrum, chi_for_fraction, two_site_spectrum
 from .mpo.whiten import cholesky_factor
+from .quant.packing import dequantize, quantize
 
 LAYOUTS: dict[str, int | str] = {"lowrank": "lowrank", "balanced": 2}  # candidate name -> sites spec
 # kept fractions at which split-input layouts are priced (each costs one rebuild and one error product)
@@ -44,6 +45,7 @@ class MatrixCandidates:
     spectra: dict[str, TwoSiteSpectrum] = field(default_factory=dict)
     options: list[Option] = field(default_factory=list)
     weight: torch.Tensor | None = field(default=None, repr=False)  # kept to price split-input layouts
+    packing_errors: dict[int, float] = field(default_factory=dict)  # bits -> relative error of the packed matrix
 
     @property
     def dense_params(self) -> int:
@@ -60,18 +62,19 @@ class MatrixCandidates:
 
 
 class OutputError:
-    """||(W - W_hat) L||^2 / ||W L||^2 for one W and the true factor L, in fp32 (pricing only).
+    """||(W - W_hat) L||^2 / ||W L||^2 for one W and the true factor L, in fp32 (pricing only); without a
+    factor, the relative weight error.
 
     W L and its norm are computed once per matrix; each priced option then costs one product W_hat L.
     """
 
-    def __init__(self, weight: torch.Tensor, factor: torch.Tensor) -> None:
-        self.factor = factor.float()
-        self.whitened = weight.float() @ self.factor  # (m, n): W L
+    def __init__(self, weight: torch.Tensor, factor: torch.Tensor | None) -> None:
+        self.factor = None if factor is None else factor.float()
+        self.whitened = weight.float() if factor is None else weight.float() @ self.factor  # (m, n): W L
         self.norm_sq = float((self.whitened**2).sum())
 
     def __call__(self, approx: torch.Tensor) -> float:
-        diff = self.whitened - approx.float() @ self.factor
+        diff = self.whitened - (approx.float() if self.factor is None else approx.float() @ self.factor)
         return float((diff**2).sum()) / self.norm_sq
 
 
@@ -81,11 +84,15 @@ def build_candidates(
     layouts: Sequence[str] = ("lowrank", "balanced"),
     damping: float = 1e-2,
     on_matrix: Callable[[str, int, int], None] | None = None,
+    packing_bits: Sequence[int] = (),
+    group_size: int = 64,
 ) -> dict[str, MatrixCandidates]:
     """Spectra and priced options for every matrix in ``weights`` ({name: (out x in) weight}).
 
     ``layouts`` names entries of :data:`LAYOUTS`; a layout a shape cannot take (e.g. balanced for a prime
     dimension) is left out for that matrix. Options never exceed the dense size (those would save nothing).
+    With ``packing_bits``, each entry also records the error of the dense matrix packed at those bits
+    (:mod:`bondcut.quant`; groups of ``group_size``), measured with the same metric.
     """
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown or not layouts:
@@ -95,6 +102,11 @@ def build_candidates(
         cov = None if covariances is None else covariances[name]
         metric = None if cov is None else OutputError(weight.detach(), cholesky_factor(cov, damping))
         entry = MatrixCandidates(name, tuple(weight.shape), weight=weight.detach())
+        if packing_bits:
+            packing_metric = metric or OutputError(weight.detach(), None)
+            entry.packing_errors = {
+                b: packing_metric(dequantize(quantize(weight, b, group_size))) for b in packing_bits
+            }
         entry.options.append(Option("dense", None, entry.dense_params, 0.0))
         for layout in layouts:
             try:

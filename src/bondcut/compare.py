@@ -18,7 +18,6 @@ what is done: the run resumes). Speed is measured last, every model in its own p
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -97,38 +96,16 @@ class MethodResult:
         return asdict(self)
 
 
+def weight_count(module: nn.Module) -> int:
+    """Parameters plus the entries of packed weights (a quantized weight still counts as its shape)."""
+    return sum(p.numel() for p in module.parameters()) + sum(getattr(m, "packed_numel", 0) for m in module.modules())
+
+
 def target_weight_count(model: nn.Module) -> int:
     """Entries held by the model's SA+MLP matrices, whatever their form (dense, MPO, packed)."""
-    from .architectures import find_targets
+    from .architectures import targets_of
 
-    linear_like = [n for n, m in model.named_modules() if hasattr(m, "in_features") or type(m).__name__ == "Conv1D"]
-    names = {t.name for t in find_targets(linear_like, model.config.model_type)}
-    return sum(_entries(m) for n, m in model.named_modules() if n in names)
-
-
-def _entries(module: nn.Module) -> int:
-    from .quant import QuantLinear, QuantMPOLinear
-
-    if isinstance(module, QuantLinear):
-        return module.in_features * module.out_features + (0 if module.bias is None else module.bias.numel())
-    if isinstance(module, QuantMPOLinear):
-        return sum(math.prod(s) for s in module.core_shapes) + (module.bias.numel() if module.bias is not None else 0)
-    return sum(p.numel() for p in module.parameters())
-
-
-def weight_count(model: nn.Module) -> int:
-    """Parameters plus the entries of packed weights (a quantized weight still counts as its shape)."""
-    from .quant import QuantEmbedding, QuantLinear, QuantMPOLinear
-
-    packed = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            packed += module.in_features * module.out_features
-        elif isinstance(module, QuantEmbedding):
-            packed += module.num_embeddings * module.embedding_dim
-        elif isinstance(module, QuantMPOLinear):
-            packed += sum(math.prod(s) for s in module.core_shapes)
-    return sum(p.numel() for p in model.parameters()) + packed
+    return sum(weight_count(model.get_submodule(t.name)) for t in targets_of(model))
 
 
 def _compress_config(method: str, config: CompareConfig) -> CompressConfig:

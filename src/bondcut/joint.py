@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from .allocate import LayerChoice, Plan, choice_of
-from .candidates import MatrixCandidates, Option, OutputError
+from .candidates import MatrixCandidates, Option
 from .knapsack import solve_knapsack
-from .mpo.whiten import cholesky_factor
 from .quant.packing import dequantize, quantize
 
 EMBEDDING = "<embedding>"  # the knapsack item of the token embedding (and the LM head)
@@ -80,22 +79,6 @@ class JointPlan:
         return cls(**{**data, "plan": Plan.from_dict(data["plan"])})
 
 
-def quantization_errors(
-    weights: dict[str, torch.Tensor], covariances: dict[str, torch.Tensor] | None, bits: tuple[int, ...],
-    group_size: int, damping: float,
-) -> dict[str, dict[int, float]]:  # fmt: skip
-    """Relative output error of packing each dense matrix at each bit width (weight error without statistics)."""
-    out = {}
-    for name, weight in weights.items():
-        if covariances:
-            metric = OutputError(weight, cholesky_factor(covariances[name], damping))
-        else:
-            norm_sq = float((weight.float() ** 2).sum())
-            metric = lambda approx, w=weight, n=norm_sq: float(((w.float() - approx.float()) ** 2).sum()) / n  # noqa: E731
-        out[name] = {b: metric(dequantize(quantize(weight, b, group_size))) for b in bits}
-    return out
-
-
 def priced_options(
     entry: MatrixCandidates, deltas: dict[int, float], float_bytes: int, group_size: int
 ) -> list[Option]:
@@ -119,7 +102,7 @@ def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...]
     """KL to the original per token when the embedding (and an untied head) is rounded to each bit width."""
     from .quant.packing import group_dividing
 
-    tensors = {id(p): p for p in (model.get_input_embeddings().weight, _head_weight(model)) if p is not None}
+    tensors = {id(p): p for p in embedding_tensors(model)}
 
     def logprobs() -> torch.Tensor:
         return torch.log_softmax(model(windows, use_cache=False).logits[:, :-1].float(), -1)
@@ -138,15 +121,11 @@ def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...]
     return out
 
 
-def _head_weight(model: nn.Module) -> torch.Tensor | None:
+def embedding_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The embedding's weight and an untied head's (a tied head shares the embedding's: listed once)."""
     head = model.get_output_embeddings()
-    return None if head is None else head.weight
-
-
-def embedding_bytes(model: nn.Module) -> int:
-    """Float bytes of the embedding plus an untied head (a tied head is stored once)."""
-    tensors = {id(p): p for p in (model.get_input_embeddings().weight, _head_weight(model)) if p is not None}
-    return sum(p.numel() * p.element_size() for p in tensors.values())
+    tensors = (model.get_input_embeddings().weight, None if head is None else head.weight)
+    return list({id(p): p for p in tensors if p is not None}.values())
 
 
 def solve_joint(
@@ -213,26 +192,25 @@ def allocate_joint(
     model: nn.Module,
     tokenizer,
     candidates: dict[str, MatrixCandidates],
-    covariances: dict[str, torch.Tensor] | None,
     config,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> JointPlan:
-    """Measure what the joint solver needs (sensitivities, packing errors, embedding KLs, block deletions), solve."""
+    """Measure what the joint solver needs (sensitivities, embedding KLs, block deletions), solve. The candidates
+    carry their packing errors (``build_candidates(..., packing_bits=config.joint_bits)``)."""
     from .allocate import sensitivities
     from .calibration import calibration_windows
     from .layerchop import choose_blocks
     from .replay import block_list
 
     names = list(candidates)
-    weights = {n: c.weight for n, c in candidates.items()}
     alphas, source = sensitivities(model, tokenizer, candidates, config, on_progress)
-    deltas = quantization_errors(weights, covariances, tuple(config.joint_bits), config.group_size, config.damping)
     float_bytes = next(model.parameters()).element_size()
-    options = {n: priced_options(candidates[n], deltas[n], float_bytes, config.group_size) for n in names}
+    options = {n: priced_options(c, c.packing_errors, float_bytes, config.group_size) for n, c in candidates.items()}
     windows = calibration_windows(tokenizer, config.search_tokens, min(512, config.search_tokens))
     kls = embedding_kls(model, windows, tuple(config.joint_bits), config.group_size)
-    emb_numel = embedding_bytes(model) // float_bytes
-    embedding = {None: (embedding_bytes(model), 0.0)}
+    emb_tensors = embedding_tensors(model)
+    emb_numel = sum(p.numel() for p in emb_tensors)
+    embedding = {None: (emb_numel * float_bytes, 0.0)}
     embedding.update({b: (math.ceil(emb_numel * bytes_per_weight(b, float_bytes, config.group_size)), kls[b])
                       for b in config.joint_bits})  # fmt: skip
     blocks, index = block_list(model, names)
@@ -243,9 +221,7 @@ def allocate_joint(
                                             rule="measured", calibration_tokens=config.search_tokens,
                                             context=min(512, config.search_tokens))  # fmt: skip
     target_ids = {id(p) for c in names for p in model.get_submodule(c).parameters()}
-    emb_ids = {id(model.get_input_embeddings().weight)} | (
-        {id(_head_weight(model))} if _head_weight(model) is not None else set()
-    )
+    emb_ids = {id(p) for p in emb_tensors}
     fixed = {id(p): p.numel() * p.element_size() for p in model.parameters() if id(p) not in target_ids | emb_ids}
     block_fixed = {i: sum(fixed.get(id(p), 0) for p in block.parameters()) for i, block in enumerate(blocks)}
     budget = int(config.target_bytes)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .architectures import find_targets
+from .architectures import targets_of
 from .calibration import calibration_windows
-from .replay import BlockReplay, block_list
+from .replay import BlockReplay, block_list, copy_block_attributes
 
 RULES = ("measured", "deepest")
 
@@ -43,17 +43,14 @@ class _Skip(nn.Module):
     def __init__(self, block: nn.Module, returns_tuple: bool) -> None:
         super().__init__()
         self.returns_tuple = returns_tuple
-        for attr in ("attention_type", "layer_idx", "is_sliding"):
-            if hasattr(block, attr):
-                setattr(self, attr, getattr(block, attr))
+        copy_block_attributes(block, self)
 
     def forward(self, hidden_states, *args, **kwargs):
         return (hidden_states,) if self.returns_tuple else hidden_states
 
 
 def _blocks(model: nn.Module) -> tuple[nn.ModuleList, list[str]]:
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
-    names = [t.name for t in find_targets(linear, model.config.model_type)]
+    names = [t.name for t in targets_of(model)]
     return block_list(model, names)[0], names
 
 
@@ -127,10 +124,9 @@ def remove_blocks(model: nn.Module, removed: Sequence[int]) -> None:
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    from .surgery import set_submodule
+    from .surgery import name_of, set_submodule
 
-    list_name = next(name for name, module in model.named_modules() if module is blocks)
-    set_submodule(model, list_name, nn.ModuleList(new_blocks))
+    set_submodule(model, name_of(model, blocks), nn.ModuleList(new_blocks))
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.num_hidden_layers = len(kept)
         if getattr(config, "layer_types", None):

@@ -35,15 +35,20 @@ def block_list(model: nn.Module, target_names: Sequence[str]) -> tuple[nn.Module
     raise ValueError(f"no decoder block list (an nn.ModuleList of numbered blocks) holds {list(target_names)[:3]}")
 
 
+def copy_block_attributes(block: nn.Module, stand_in: nn.Module) -> None:
+    """Give a block's stand-in the attributes some models' layer loops read from their blocks."""
+    for attr in ("attention_type", "layer_idx", "is_sliding"):
+        if hasattr(block, attr):
+            setattr(stand_in, attr, getattr(block, attr))
+
+
 class _Recorded(nn.Module):
     """Stand-in for a skipped block: returns what the real block returned on the current window."""
 
     def __init__(self, block: nn.Module, outputs: list, runner: BlockReplay) -> None:
         super().__init__()
         self.outputs, self.runner = outputs, runner
-        for attr in ("attention_type", "layer_idx", "is_sliding"):  # read by some models' loops
-            if hasattr(block, attr):
-                setattr(self, attr, getattr(block, attr))
+        copy_block_attributes(block, self)
 
     def forward(self, *args, **kwargs):
         return self.outputs[self.runner.window]

@@ -70,6 +70,11 @@ class CompressionReport:
         }
 
 
+def is_dense_layer(module: nn.Module) -> bool:
+    """An nn.Linear or a transformers Conv1D: what bondcut can compress or pack."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The (out x in) weight of an nn.Linear or a transformers Conv1D (which stores it transposed)."""
     if isinstance(module, nn.Linear):
@@ -97,9 +102,14 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def name_of(model: nn.Module, module: nn.Module | None) -> str | None:
+    """The dotted name of ``module`` inside ``model`` (None if absent or None)."""
+    return None if module is None else next((n for n, m in model.named_modules() if m is module), None)
+
+
 def select_targets(model: nn.Module, config: CompressConfig) -> list[TargetMatch]:
     """The modules ``config`` asks to compress (architecture table or explicit names, then include/exclude)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    names = [n for n, m in model.named_modules() if is_dense_layer(m)]
     if config.modules is not None:
         chosen = select(list(config.modules), names, "modules")
         targets = [TargetMatch(n, "custom", None) for n in chosen]
@@ -282,8 +292,9 @@ def _joint_decisions(model, tokenizer, config: CompressConfig, weights, covarian
     from .joint import allocate_joint
 
     progress = None if on_stage is None else lambda name, done, total: on_stage("candidates", done, total)
-    candidates = build_candidates(weights, covariances or None, config.candidate_layouts, config.damping, progress)
-    joint = allocate_joint(model, tokenizer, candidates, covariances or None, config, on_stage)
+    candidates = build_candidates(weights, covariances or None, config.candidate_layouts, config.damping, progress,
+                                  packing_bits=config.joint_bits, group_size=config.group_size)  # fmt: skip
+    joint = allocate_joint(model, tokenizer, candidates, config, on_stage)
     covariances.clear()
     report.plan = joint.plan.to_dict()
     report.joint = {k: v for k, v in joint.to_dict().items() if k != "plan"}

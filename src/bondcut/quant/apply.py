@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..mpo_linear import MPOLinear
+from ..surgery import dense_weight, is_dense_layer, name_of, set_submodule
 from .modules import QUANT_LAYERS, QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
 from .packing import check_bits, group_dividing, quantize
 
@@ -50,47 +51,34 @@ def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _is_dense(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    from ..surgery import set_submodule
-
-    set_submodule(model, name, new)
-
-
-def _name_of(model: nn.Module, module: nn.Module | None) -> str | None:
-    return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+def _packed_linear(module: nn.Module, config: QuantizeConfig) -> QuantLinear:
+    weight = dense_weight(module)
+    return QuantLinear(quantize(weight, config.bits, config.group_size), module.bias, weight.dtype)
 
 
 def quantize_model(model: nn.Module, config: QuantizeConfig) -> QuantizeReport:
     """Replace embeddings, LM head, dense Linear layers (and, with ``config.cores``, MPO layers) by packed ones."""
-    from ..surgery import dense_weight
-
     report = QuantizeReport()
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    embedding_name, head_name = _name_of(model, embedding), _name_of(model, head)
+    embedding_name, head_name = name_of(model, embedding), name_of(model, head)
     tied = head is not None and isinstance(embedding, nn.Embedding) and head.weight is embedding.weight
+
+    def swap(kind: str, name: str, old: nn.Module, new: nn.Module) -> None:
+        report.add(kind, _tensor_bytes(*old.parameters()), _tensor_bytes(*_buffers(new)))
+        set_submodule(model, name, new)
+        report.layouts[name] = new.layout()
 
     only = None if config.only is None else set(config.only)
     for name, module in list(model.named_modules()):
         if name == head_name or (only is not None and name not in only):
             continue
-        if config.linear and _is_dense(module):
-            weight = dense_weight(module)
-            new = QuantLinear(quantize(weight, config.bits, config.group_size), module.bias, weight.dtype)
-            report.add("linear", _tensor_bytes(weight, module.bias), _tensor_bytes(*_buffers(new)))
+        if config.linear and is_dense_layer(module):
+            swap("linear", name, module, _packed_linear(module, config))
         elif (config.cores or only is not None) and isinstance(module, MPOLinear):
             packed = [quantize(c, config.bits, config.group_size) for c in module.cores]
-            new = QuantMPOLinear(module.sites, module.bond_dims, packed, module.bias, module.source_kind,
-                                 module.cores[0].dtype)  # fmt: skip
-            report.add("mpo_cores", _tensor_bytes(*module.cores, module.bias), _tensor_bytes(*_buffers(new)))
-        else:
-            continue
-        _set(model, name, new)
-        report.layouts[name] = new.layout()
+            swap("mpo_cores", name, module, QuantMPOLinear(module.sites, module.bond_dims, packed, module.bias,
+                                                           module.source_kind, module.cores[0].dtype))  # fmt: skip
 
     if config.embeddings and isinstance(embedding, nn.Embedding):
         weight = embedding.weight
@@ -98,19 +86,13 @@ def quantize_model(model: nn.Module, config: QuantizeConfig) -> QuantizeReport:
         new_embedding = QuantEmbedding(quantize(weight, config.bits, group), embedding.padding_idx, weight.dtype)
         scale = getattr(embedding, "embed_scale", None)  # Gemma multiplies embeddings by sqrt(hidden)
         new_embedding.output_scale = float(scale) if scale is not None else 1.0
-        report.add("embedding", _tensor_bytes(weight), _tensor_bytes(*_buffers(new_embedding)))
-        _set(model, embedding_name, new_embedding)
-        report.layouts[embedding_name] = new_embedding.layout()
+        swap("embedding", embedding_name, embedding, new_embedding)
         if tied:
-            _set(model, head_name, TiedQuantHead(new_embedding, embedding_name))
+            set_submodule(model, head_name, TiedQuantHead(new_embedding, embedding_name))
             report.layouts[head_name] = model.get_submodule(head_name).layout()
             _untie(model)
-    if head is not None and not tied and config.embeddings and _is_dense(head):
-        weight = dense_weight(head)
-        new_head = QuantLinear(quantize(weight, config.bits, config.group_size), head.bias, weight.dtype)
-        report.add("lm_head", _tensor_bytes(weight, head.bias), _tensor_bytes(*_buffers(new_head)))
-        _set(model, head_name, new_head)
-        report.layouts[head_name] = new_head.layout()
+    if head is not None and not tied and config.embeddings and is_dense_layer(head):
+        swap("lm_head", head_name, head, _packed_linear(head, config))
     return report
 
 
@@ -146,7 +128,7 @@ def install_quant_layers(model: nn.Module, layouts: dict[str, dict]) -> None:
                 embeddings[name] = new
         else:
             raise ValueError(f"quantized layer {name!r} has unknown kind {layout['kind']!r}; upgrade bondcut")
-        _set(model, name, new)
+        set_submodule(model, name, new)
     if any(layout["kind"] == "tied_head" for layout in layouts.values()):
         _untie(model)
 

@@ -57,6 +57,11 @@ class QuantLinear(nn.Module):
         bias = torch.zeros(layout["shape"][0], dtype=dtype, device=device) if layout["bias"] else None
         return cls(_empty_packed(tuple(layout["shape"]), layout["bits"], layout["group_size"], device), bias, dtype)
 
+    @property
+    def packed_numel(self) -> int:
+        """Weight entries held packed (buffers, not parameters)."""
+        return self.out_features * self.in_features
+
     def weight_values(self) -> torch.Tensor:
         return dequantize(_packed(self, "", (self.out_features, self.in_features)), self.compute_dtype)
 
@@ -93,6 +98,11 @@ class QuantEmbedding(nn.Module):
     def empty(cls, layout: dict, dtype: torch.dtype, device=None) -> QuantEmbedding:
         packed = _empty_packed(tuple(layout["shape"]), layout["bits"], layout["group_size"], device)
         return cls(packed, layout.get("padding_idx"), dtype)
+
+    @property
+    def packed_numel(self) -> int:
+        """Weight entries held packed (buffers, not parameters)."""
+        return self.num_embeddings * self.embedding_dim
 
     def weight_values(self) -> torch.Tensor:
         return dequantize(_packed(self, "", (self.num_embeddings, self.embedding_dim)), self.compute_dtype)
@@ -158,6 +168,11 @@ class QuantMPOLinear(nn.Module):
         cores = [_empty_packed(s, layout["bits"], layout["group_size"], device) for s in shapes]
         bias = torch.zeros(layout["shape"][0], dtype=dtype, device=device) if layout["bias"] else None
         return cls(layout["sites"], layout["bond_dims"], cores, bias, layout.get("source_kind", "linear"), dtype)
+
+    @property
+    def packed_numel(self) -> int:
+        """Core entries held packed (buffers, not parameters)."""
+        return sum(math.prod(s) for s in self.core_shapes)
 
     def core_values(self) -> list[torch.Tensor]:
         return [dequantize(_packed(self, f"core{i}_", s), self.compute_dtype) for i, s in enumerate(self.core_shapes)]
