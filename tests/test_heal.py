@@ -96,18 +96,29 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(compressed_d
 
 
 def test_two_processes_under_torchrun_give_the_one_process_curve(compressed_dir, tmp_path):
-    """DDP on 2 gloo ranks, each taking half of every global batch: the same losses as one process."""
+    """DDP and FSDP2 on 2 gloo ranks, each taking half of every global batch: the same losses as one process,
+    and the sharded run's gathered model saves as plain MPO layers with the one-process run's weights."""
     args = ["heal", str(compressed_dir), "--tokens", str(64 * 4 * 3), "--seq-len", "64", "--batch-size", "4",
             "--micro-batch", "2", "--eval-tokens", "256", "--checkpoint-every", "0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bondcut"]
-    ddp = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    for name, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
+        run = subprocess.run([*torchrun, *args, *flags, "--out", str(tmp_path / name)], env=env, capture_output=True,
+                             text=True)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
     single = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
-    a, b = (json.loads((tmp_path / d / "heal.json").read_text()) for d in ("one", "ddp"))
-    assert (a["processes"], b["processes"]) == (1, 2)
-    assert [p["loss"] for p in b["curve"]] == pytest.approx([p["loss"] for p in a["curve"]], abs=1e-4)
+    one, ddp, fsdp = (json.loads((tmp_path / d / "heal.json").read_text()) for d in ("one", "ddp", "fsdp"))
+    assert (one["processes"], ddp["processes"], fsdp["processes"]) == (1, 2, 2)
+    for run in (ddp, fsdp):
+        assert [p["loss"] for p in run["curve"]] == pytest.approx([p["loss"] for p in one["curve"]], abs=1e-4)
+    assert fsdp["optimizer_state_bytes"] < 0.6 * one["optimizer_state_bytes"]  # each rank holds half the moments
+    sharded, _ = bondcut.load(tmp_path / "fsdp")
+    plain, _ = bondcut.load(tmp_path / "one")
+    a, b = sharded.model.layers[1].mlp.up_proj, plain.model.layers[1].mlp.up_proj
+    assert isinstance(a, MPOLinear)
+    for x, y in zip(a.cores, b.cores):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

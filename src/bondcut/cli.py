@@ -463,10 +463,13 @@ def heal_command(
         bool, typer.Option(help="continue from the last checkpoint in --out's checkpoint folder")
     ] = False,
     gradient_checkpointing: Annotated[bool, typer.Option(help="recompute activations (less memory)")] = False,
+    fsdp: Annotated[
+        bool, typer.Option(help="under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP")
+    ] = False,
     seed: Annotated[int, typer.Option(help="data order")] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
-    """Retrain a compressed model briefly (LM loss and/or distillation); resumable; DDP under torchrun."""
+    """Retrain a compressed model briefly (LM loss and/or distillation); resumable; DDP or FSDP under torchrun."""
     import bondcut
 
     from .heal import HealConfig, heal
@@ -478,7 +481,7 @@ def heal_command(
         config = HealConfig(tokens=tokens, seq_len=seq_len, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                             train=train, distill=distill if teacher else 0.0, temperature=temperature,
                             eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
-                            gradient_checkpointing=gradient_checkpointing, seed=seed)  # fmt: skip
+                            gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, seed=seed)  # fmt: skip
     except ValueError as err:
         _fail(str(err))
     net, tokenizer = _load(model, _resolve(model))
@@ -501,8 +504,15 @@ def heal_command(
             _fail(str(err))
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:
+    from .heal import full_model_state
+
+    state = PartialState()
+    gathered = full_model_state(net) if fsdp and state.num_processes > 1 else None  # every process takes part
+    if not state.is_main_process:
         return  # one writer
+    if gathered is not None:  # the trained model is sharded: pour its gathered weights into a plain copy
+        net = _load(model, _resolve(model))[0]
+        net.load_state_dict(gathered)
     record = json.dumps(result.to_dict(), indent=1)
     with console.status(f"saving to {out}"):
         bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite, extra_files={"heal.json": record})

@@ -5,8 +5,10 @@ Next-token loss on the corpus's train split, optionally mixed with distillation 
 gradient accumulation and clipping, optional gradient checkpointing, bf16 autocast on a GPU. The MPO cores stay
 cores: the layers' forward contracts them, so gradients and optimizer state are MPO-sized.
 
-Runs on one process, or on several under ``torchrun``/``accelerate launch`` (DDP through accelerate): the global
-batch of each step is the same whatever the number of processes, so curves compare. Every ``checkpoint_every``
+Runs on one process, or on several under ``torchrun``/``accelerate launch`` (DDP through accelerate, or with
+``fsdp`` PyTorch's FSDP2 ``fully_shard``, which shards weights, gradients and optimizer state over the processes for
+models that do not fit one device): the global batch of each step is the same whatever the number of processes, so
+curves compare. Every ``checkpoint_every``
 steps the trainable state, optimizer, schedule and curve are written atomically; ``resume`` continues from
 there and ends exactly where an uninterrupted run of the same seed would (the data order is a function of the step).
 """
@@ -51,6 +53,7 @@ class HealConfig:
         eval_tokens: held-out tokens scored each time (context 512, stride 256).
         checkpoint_every: steps between checkpoints (0 = none).
         gradient_checkpointing: recompute activations in backward (less memory, ~30 % more time).
+        fsdp: under several processes, shard with FSDP2 (per transformer block, then the rest) instead of DDP.
         seed: data order and any randomness.
     """
 
@@ -70,6 +73,7 @@ class HealConfig:
     eval_tokens: int = 4096
     checkpoint_every: int = 0
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -166,6 +170,10 @@ def heal(
     params = trainable_parameters(model, config.train)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sharded = config.fsdp and world > 1
+    if sharded:
+        shard(model, accelerator.device)
+        params = [p for p in model.parameters() if p.requires_grad]  # now DTensor shards
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.min_lr_ratio)
@@ -173,15 +181,16 @@ def heal(
     if teacher is not None:
         teacher.requires_grad_(False).eval()
         teacher.to(accelerator.device)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped, optimizer = (model, optimizer) if sharded else accelerator.prepare(model, optimizer)
     result = HealResult(asdict(config), config.steps, world, sum(p.numel() for p in params), 0, stream.tokens_per_pass)
     start_step = 0
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT
     if resume and checkpoint is not None and checkpoint.exists():
         start_step, result = _load_checkpoint(checkpoint, accelerator.unwrap_model(wrapped), optimizer, schedule)
+        result.processes = world  # the checkpoint may come from a run on another number of processes
         log.info("resumed at step %d from %s", start_step, checkpoint)
     else:
-        result.evals.append(_evaluate(accelerator, wrapped, tokenizer, 0, config.eval_tokens))
+        result.evals.append(_evaluate(accelerator, wrapped, tokenizer, 0, config.eval_tokens, sharded))
     began = time.perf_counter() - result.seconds
     for step in range(start_step, config.steps):
         tick = time.perf_counter()
@@ -191,13 +200,14 @@ def heal(
         for micro in range(accumulation):
             ids = rows[micro * config.micro_batch : (micro + 1) * config.micro_batch]
             sync = micro == accumulation - 1
-            with accelerator.no_sync(wrapped) if not sync else contextlib.nullcontext():
+            with _gradient_sync(accelerator, wrapped, sync, sharded):
                 with accelerator.autocast():
                     loss = _loss(wrapped, teacher, ids, config) / accumulation
                 accelerator.backward(loss)
             total += float(loss.detach())
         if config.max_grad_norm:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            clip = torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_
+            clip(params, config.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -208,16 +218,17 @@ def heal(
         result.curve.append(point)
         last = step + 1 == config.steps
         if config.eval_every and (step + 1) % config.eval_every == 0 and not last:
-            result.evals.append(_evaluate(accelerator, wrapped, tokenizer, step + 1, config.eval_tokens))
+            result.evals.append(_evaluate(accelerator, wrapped, tokenizer, step + 1, config.eval_tokens, sharded))
         result.seconds = time.perf_counter() - began
         result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
         if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            state = _training_state(accelerator.unwrap_model(wrapped), optimizer, schedule, step + 1, result)
             if accelerator.is_main_process:
-                _save_checkpoint(checkpoint, step + 1, accelerator.unwrap_model(wrapped), optimizer, schedule, result)
+                _save_checkpoint(checkpoint, state)
             accelerator.wait_for_everyone()
         if on_step is not None and accelerator.is_main_process:
             on_step({**point, "steps": config.steps, "eval": result.evals[-1]})
-    result.evals.append(_evaluate(accelerator, wrapped, tokenizer, config.steps, config.eval_tokens))
+    result.evals.append(_evaluate(accelerator, wrapped, tokenizer, config.steps, config.eval_tokens, sharded))
     result.seconds = time.perf_counter() - began
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
@@ -237,12 +248,58 @@ def _loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, config
     return (1 - config.distill) * output.loss + config.distill * kd
 
 
-def _evaluate(accelerator, model: nn.Module, tokenizer, step: int, tokens: int) -> dict:
-    """Held-out perplexity (context 512, stride 256) on the main process; the others wait."""
+def shard(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 in place: each transformer block (``model._no_split_modules``) is one shard group, the rest another.
+
+    Each parameter is split along its longest dimension, not FSDP's default first one: an MPO's end cores have a
+    bond of 1 there, which would leave one process holding them whole. MPO layers then run their differentiable
+    contraction even in evaluation: FSDP gathers the cores anew for each forward, so cached step matrices would
+    go stale.
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    def longest_dimension(param: nn.Parameter) -> Shard:
+        return Shard(max(range(param.dim()), key=lambda d: param.shape[d]))
+
+    model.to(device)
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if isinstance(module, MPOLinear):
+            module.cache_inference = False
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, shard_placement_fn=longest_dimension)
+    fully_shard(model, shard_placement_fn=longest_dimension)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every process calls this (it gathers); the main process gets the whole state dict on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _gradient_sync(accelerator, model: nn.Module, sync: bool, sharded: bool):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on accumulation micro-steps but the last."""
+    if sharded:
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+
+
+def _evaluate(accelerator, model: nn.Module, tokenizer, step: int, tokens: int, sharded: bool = False) -> dict:
+    """Held-out perplexity (context 512, stride 256) on the main process; the others wait (or, sharded, take part
+    in every forward and drop the figure)."""
     from .corpus import split_text
     from .perplexity import perplexity
 
     result = {}
+    if sharded:
+        model.eval()
+        ppl = perplexity(model, tokenizer, split_text("heldout", genres="a"), context=512, stride=256,
+                         max_tokens=tokens)  # fmt: skip
+        return {"step": step, **ppl.to_dict()} if accelerator.is_main_process else {}
     if accelerator.is_main_process:
         net = accelerator.unwrap_model(model)
         net.eval()
@@ -253,19 +310,37 @@ def _evaluate(accelerator, model: nn.Module, tokenizer, step: int, tokens: int) 
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors (AdamW: two moments per trained entry, plus step counts)."""
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    """Bytes of the optimizer's state tensors held by this process (AdamW: two moments per trained entry, plus step
+    counts); under FSDP, this process's shards."""
+    from torch.distributed.tensor import DTensor
+
+    local = (t.to_local() if isinstance(t, DTensor) else t for s in optimizer.state.values() for t in s.values())
+    return sum(t.numel() * t.element_size() for t in local if torch.is_tensor(t))
 
 
-def _save_checkpoint(path: Path, step: int, model: nn.Module, optimizer, schedule, result: HealResult) -> None:
-    """Trainable weights, optimizer, schedule and curve, written to a temp file and renamed (never half a file)."""
-    state = {
+def _training_state(model: nn.Module, optimizer, schedule, step: int, result: HealResult) -> dict:
+    """What a checkpoint holds, gathered whole (every process calls this when sharded): trainable weights by name,
+    the optimizer state by parameter name (the same layout with or without FSDP), the schedule and the curve."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=torch.distributed.is_initialized())
+    trainable = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            value = param.full_tensor() if isinstance(param, DTensor) else param
+            trainable[name] = value.detach().cpu().clone()
+    return {
         "step": step,
-        "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
+        "trainable": trainable,
+        "optimizer": get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options),
         "schedule": schedule.state_dict(),
         "result": result.to_dict(),
     }
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Written to a temp file and renamed: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     torch.save(state, tmp)
@@ -273,16 +348,26 @@ def _save_checkpoint(path: Path, step: int, model: nn.Module, optimizer, schedul
 
 
 def _load_checkpoint(path: Path, model: nn.Module, optimizer, schedule) -> tuple[int, HealResult]:
+    """Every process reads the file; sharded models take their own shards of it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     state = torch.load(path, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    missing = [n for n in state["trainable"] if n not in params]
+    names = {n for n, _ in model.named_parameters()}
+    missing = [n for n in state["trainable"] if n not in names]
     if missing:
         raise ValueError(
             f"checkpoint {path} holds {missing[:2]}, which this model lacks: was it made for another model?"
         )
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, state["trainable"], options=options)
+    raw = getattr(optimizer, "optimizer", optimizer)
+    if all(isinstance(k, int) for k in state["optimizer"]["state"]):
+        raw.load_state_dict(state["optimizer"])  # checkpoints written before the by-name layout
+    else:
+        set_optimizer_state_dict(model, raw, state["optimizer"], options=options)
     schedule.load_state_dict(state["schedule"])
     return state["step"], HealResult(**state["result"])

@@ -52,6 +52,7 @@ class MPOLinear(nn.Module):
         self.plan = plan_contraction(self.sites, self.bond_dims)
         self.merge: tuple[int, ...] = (1,) * len(self.sites)  # group sizes of merged cores used for inference
         self._inference: tuple | None = None  # (key, step matrices, plan) cached for gradient-free forwards
+        self.cache_inference = True  # False where the cores are re-gathered each forward (FSDP)
 
     @classmethod
     def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, source_kind: str = "linear") -> MPOLinear:
@@ -73,7 +74,7 @@ class MPOLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and any(c.requires_grad for c in self.cores):
+        if not self.cache_inference or (torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)):
             y = contract(x, list(self.cores), self.sites, self.plan)  # (..., out_features), differentiable
         else:
             matrices, plan = self._inference_matrices()
