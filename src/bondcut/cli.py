@@ -451,6 +451,10 @@ def heal_command(
     ] = None,  # fmt: skip
     distill: Annotated[float, typer.Option(help="weight of distillation vs next-token loss, 0..1")] = 0.5,
     temperature: Annotated[float, typer.Option(help="distillation temperature")] = 1.0,
+    teacher_top_k: Annotated[
+        int, typer.Option(help="cache the teacher's k largest logits per position on disk, so later runs on the same "
+                               "data skip the teacher (0 = run it alongside)")
+    ] = 0,  # fmt: skip
     seq_len: Annotated[int, typer.Option(help="tokens per training sequence")] = 256,
     batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all processes together)")] = 8,
     micro_batch: Annotated[int, typer.Option(help="sequences per forward/backward on one process")] = 4,
@@ -480,6 +484,7 @@ def heal_command(
     try:
         config = HealConfig(tokens=tokens, seq_len=seq_len, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                             train=train, distill=distill if teacher else 0.0, temperature=temperature,
+                            teacher_top_k=teacher_top_k,
                             eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
                             gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, seed=seed)  # fmt: skip
     except ValueError as err:

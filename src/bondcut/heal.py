@@ -49,6 +49,8 @@ class HealConfig:
         train: "mpo" (MPO cores and their biases only) or "all" parameters.
         distill: weight of the distillation term (0 = next-token loss only, 1 = distillation only); needs a teacher.
         temperature: softening of both distributions in the distillation term.
+        teacher_top_k: 0 runs the teacher beside the student on every batch; k > 0 caches its k largest logits per
+            position on disk (``teacher_cache``), so later runs on the same data never run the teacher.
         eval_every: steps between held-out perplexity measurements (0 = only before and after).
         eval_tokens: held-out tokens scored each time (context 512, stride 256).
         checkpoint_every: steps between checkpoints (0 = none).
@@ -69,6 +71,7 @@ class HealConfig:
     train: str = "mpo"
     distill: float = 0.0
     temperature: float = 1.0
+    teacher_top_k: int = 0
     eval_every: int = 0
     eval_tokens: int = 4096
     checkpoint_every: int = 0
@@ -79,6 +82,8 @@ class HealConfig:
     def __post_init__(self) -> None:
         if self.train not in ("mpo", "all"):
             raise ValueError(f"train must be 'mpo' (cores only) or 'all', got {self.train!r}")
+        if self.teacher_top_k < 0:
+            raise ValueError(f"teacher_top_k must be >= 0 (0 = run the teacher alongside), got {self.teacher_top_k}")
         if not 0 <= self.distill <= 1 or self.temperature <= 0:
             raise ValueError(f"distill must be in [0, 1] and temperature > 0, got {self.distill}, {self.temperature}")
         if min(self.tokens, self.seq_len, self.batch_size, self.micro_batch) < 1 or self.lr <= 0:
@@ -178,9 +183,12 @@ def heal(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.min_lr_ratio)
     )
+    cache = None
     if teacher is not None:
         teacher.requires_grad_(False).eval()
         teacher.to(accelerator.device)
+        if config.teacher_top_k and config.distill:
+            cache = _open_cache(accelerator, teacher, stream, config.teacher_top_k)
     wrapped, optimizer = (model, optimizer) if sharded else accelerator.prepare(model, optimizer)
     result = HealResult(asdict(config), config.steps, world, sum(p.numel() for p in params), 0, stream.tokens_per_pass)
     start_step = 0
@@ -195,14 +203,17 @@ def heal(
     for step in range(start_step, config.steps):
         tick = time.perf_counter()
         wrapped.train()
-        rows = stream.batch(step, rank, world).to(accelerator.device)  # (batch / world, seq_len)
+        indices = stream.rows(step, rank, world)
+        rows = stream.sequences[indices].to(accelerator.device)  # (batch / world, seq_len)
         total = 0.0
         for micro in range(accumulation):
-            ids = rows[micro * config.micro_batch : (micro + 1) * config.micro_batch]
+            part = slice(micro * config.micro_batch, (micro + 1) * config.micro_batch)
+            ids = rows[part]
             sync = micro == accumulation - 1
+            target = teacher if cache is None else cache.top_logits(indices[part], ids)
             with _gradient_sync(accelerator, wrapped, sync, sharded):
                 with accelerator.autocast():
-                    loss = _loss(wrapped, teacher, ids, config) / accumulation
+                    loss = _loss(wrapped, target, ids, config) / accumulation
                 accelerator.backward(loss)
             total += float(loss.detach())
         if config.max_grad_norm:
@@ -237,14 +248,34 @@ def heal(
     return result
 
 
-def _loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, config: HealConfig) -> torch.Tensor:
-    """(1 - distill) * next-token loss + distill * distillation loss on one micro-batch (rows of token ids)."""
+def _open_cache(accelerator, teacher: nn.Module, stream, k: int):
+    """The teacher's top-k cache for this stream's sequences; the main process creates its files first."""
+    from .teacher_cache import TeacherCache
+
+    if accelerator.is_main_process:
+        cache = TeacherCache(teacher, stream.sequences, k)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        cache = TeacherCache(teacher, stream.sequences, k)
+    return cache
+
+
+def _loss(model: nn.Module, teacher, ids: torch.Tensor, config: HealConfig) -> torch.Tensor:
+    """(1 - distill) * next-token loss + distill * distillation loss on one micro-batch (rows of token ids).
+
+    ``teacher`` is the teacher model, or its cached (top-k values, token ids) for these rows."""
+    from .teacher_cache import sparse_distillation_loss
+
     output = model(input_ids=ids, labels=ids, use_cache=False)
     if not config.distill:
         return output.loss
-    with torch.no_grad():
-        teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-    kd = distillation_loss(output.logits[:, :-1], teacher_logits[:, :-1], config.temperature)
+    if isinstance(teacher, tuple):
+        values, indices = (t.to(ids.device) for t in teacher)
+        kd = sparse_distillation_loss(output.logits[:, :-1], values[:, :-1], indices[:, :-1], config.temperature)
+    else:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+        kd = distillation_loss(output.logits[:, :-1], teacher_logits[:, :-1], config.temperature)
     return (1 - config.distill) * output.loss + config.distill * kd
 
 

@@ -55,11 +55,14 @@ class SequenceStream:
         generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
         return torch.randperm(len(self.sequences), generator=generator)
 
-    def batch(self, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-        """Rows ``rank, rank + world, ...`` of step ``step``'s global batch: (batch_size // world, seq_len)."""
+    def rows(self, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """Indices into ``sequences`` of this process's part of step ``step``'s global batch: every world-th."""
         if self.batch_size % world:
             raise ValueError(f"batch size {self.batch_size} does not split over {world} processes")
         per_epoch = len(self.sequences) // self.batch_size
         epoch, offset = divmod(step, per_epoch)
-        rows = self._order(epoch)[offset * self.batch_size : (offset + 1) * self.batch_size]
-        return self.sequences[rows[rank::world]]
+        return self._order(epoch)[offset * self.batch_size : (offset + 1) * self.batch_size][rank::world]
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """Rows ``rank, rank + world, ...`` of step ``step``'s global batch: (batch_size // world, seq_len)."""
+        return self.sequences[self.rows(step, rank, world)]
