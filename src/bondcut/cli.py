@@ -542,6 +542,11 @@ def quantize_command(
     group_size: Annotated[int, typer.Option(help="weights sharing one fp16 scale and offset")] = 64,
     cores: Annotated[bool, typer.Option(help="also pack the MPO cores (default: only what is not an MPO)")] = False,
     embeddings: Annotated[bool, typer.Option(help="pack the token embedding and the LM head")] = True,
+    method: Annotated[
+        str, typer.Option(help="Linear layers: 'rtn' (round to nearest) or 'gptq' (activation-aware, on calibration "
+                               "text; same file format)")
+    ] = "rtn",  # fmt: skip
+    calibration_tokens: Annotated[int, typer.Option(help="gptq: calibration tokens")] = 16384,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """Weight-only int8/int4 for embeddings, LM head and non-tensorized Linear layers (optionally MPO cores)."""
@@ -553,13 +558,14 @@ def quantize_command(
     if out.exists() and not overwrite:
         _fail(f"{out} already exists; pass --overwrite or choose another --out")
     try:
-        config = QuantizeConfig(bits=bits, group_size=group_size, cores=cores, embeddings=embeddings)
+        config = QuantizeConfig(bits=bits, group_size=group_size, cores=cores, embeddings=embeddings, method=method,
+                                calibration_tokens=calibration_tokens)  # fmt: skip
     except ValueError as err:
         _fail(str(err))
     source = _resolve(model)
     net, tokenizer = _load(model, source)
-    with console.status(f"packing to {bits} bits"):
-        report = quantize_model(net, config)
+    with console.status(f"packing to {bits} bits" + (" (gptq: calibration statistics first)" if method == "gptq" else "")):
+        report = quantize_model(net, config, tokenizer=tokenizer)
     with console.status(f"saving to {out}"):
         bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite)
     table = Table(title=f"{model} -> {out}: weight bytes by kind")

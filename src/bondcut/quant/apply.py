@@ -1,7 +1,9 @@
 """Quantize what a model has left (embeddings, LM head, dense Linear layers, optionally MPO cores), in place.
 
 :func:`quantize_model` swaps modules for their packed counterparts (:mod:`bondcut.quant.modules`) and returns
-the layouts, which ride in ``config.json`` next to the MPO layout; :func:`install_quant_layers` rebuilds the
+the layouts, which ride in ``config.json`` next to the MPO layout. Dense Linear layers round to nearest
+(``method="rtn"``) or activation-aware (``method="gptq"``, :mod:`bondcut.quant.gptq`, on the input statistics of
+calibration tokens; same packed format); embeddings and cores always round to nearest. :func:`install_quant_layers` rebuilds the
 empty packed modules from them before transformers loads the weights. A tied LM head stays tied: it reads the
 packed embedding, stored once.
 """
@@ -18,6 +20,8 @@ from ..surgery import dense_weight, is_dense_layer, name_of, set_submodule
 from .modules import QUANT_LAYERS, QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
 from .packing import check_bits, group_dividing, quantize
 
+METHODS = ("rtn", "gptq")
+
 
 @dataclass(frozen=True)
 class QuantizeConfig:
@@ -29,9 +33,16 @@ class QuantizeConfig:
     embeddings: bool = True
     linear: bool = True
     only: tuple[str, ...] | None = None  # pack exactly these Linear/MPO modules (by name), whatever ``cores`` says
+    method: str = "rtn"  # dense Linear layers: "rtn" (round to nearest) or "gptq" (activation-aware; needs text)
+    calibration_tokens: int = 16384  # gptq: tokens of the calibration split whose input statistics guide rounding
+    damping: float = 0.1  # gptq: fraction of H's mean diagonal added to it (more = closer to round-to-nearest)
 
     def __post_init__(self) -> None:
         check_bits(self.bits, self.group_size)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}; example: --method gptq")
+        if self.method == "gptq" and self.calibration_tokens < 512:
+            raise ValueError(f"gptq needs at least 512 calibration tokens, got {self.calibration_tokens}")
 
 
 @dataclass
@@ -51,13 +62,38 @@ def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _packed_linear(module: nn.Module, config: QuantizeConfig) -> QuantLinear:
+def _packed_linear(module: nn.Module, config: QuantizeConfig, gram: torch.Tensor | None = None) -> QuantLinear:
+    from .gptq import quantize_aware
+
     weight = dense_weight(module)
-    return QuantLinear(quantize(weight, config.bits, config.group_size), module.bias, weight.dtype)
+    if gram is None:
+        packed = quantize(weight, config.bits, config.group_size)
+    else:
+        packed = quantize_aware(weight, gram, config.bits, config.group_size, config.damping)
+    return QuantLinear(packed, module.bias, weight.dtype)
 
 
-def quantize_model(model: nn.Module, config: QuantizeConfig) -> QuantizeReport:
-    """Replace embeddings, LM head, dense Linear layers (and, with ``config.cores``, MPO layers) by packed ones."""
+def _linear_grams(model: nn.Module, tokenizer, config: QuantizeConfig, head_name: str) -> dict[str, torch.Tensor]:
+    """Input Gram matrices of the dense Linear layers ``quantize_model`` will pack, and of the LM head (whose
+    error reaches the logits directly; a tied embedding is rounded for the head's inputs), from the unquantized
+    model."""
+    from ..calibration import input_covariances
+
+    if tokenizer is None:
+        raise ValueError("method='gptq' rounds on calibration text: pass the tokenizer (quantize_model(model, "
+                         "config, tokenizer=tok)), or use method='rtn'")  # fmt: skip
+    only = None if config.only is None else set(config.only)
+    names = [n for n, m in model.named_modules()
+             if config.linear and is_dense_layer(m) and n != head_name and (only is None or n in only)]  # fmt: skip
+    if config.embeddings and head_name and is_dense_layer(model.get_submodule(head_name)):
+        names.append(head_name)
+    return input_covariances(model, tokenizer, names, tokens=config.calibration_tokens)[0] if names else {}
+
+
+def quantize_model(model: nn.Module, config: QuantizeConfig, tokenizer=None) -> QuantizeReport:
+    """Replace embeddings, LM head, dense Linear layers (and, with ``config.cores``, MPO layers) by packed ones.
+
+    ``tokenizer`` is needed for ``method="gptq"`` (its calibration text)."""
     report = QuantizeReport()
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -69,12 +105,14 @@ def quantize_model(model: nn.Module, config: QuantizeConfig) -> QuantizeReport:
         set_submodule(model, name, new)
         report.layouts[name] = new.layout()
 
+    gptq = config.method == "gptq" and (config.linear or config.embeddings)
+    grams = _linear_grams(model, tokenizer, config, head_name) if gptq else {}
     only = None if config.only is None else set(config.only)
     for name, module in list(model.named_modules()):
         if name == head_name or (only is not None and name not in only):
             continue
         if config.linear and is_dense_layer(module):
-            swap("linear", name, module, _packed_linear(module, config))
+            swap("linear", name, module, _packed_linear(module, config, grams.pop(name, None)))
         elif (config.cores or only is not None) and isinstance(module, MPOLinear):
             packed = [quantize(c, config.bits, config.group_size) for c in module.cores]
             swap("mpo_cores", name, module, QuantMPOLinear(module.sites, module.bond_dims, packed, module.bias,
@@ -83,7 +121,13 @@ def quantize_model(model: nn.Module, config: QuantizeConfig) -> QuantizeReport:
     if config.embeddings and isinstance(embedding, nn.Embedding):
         weight = embedding.weight
         group = group_dividing(weight.shape[1], config.group_size)
-        new_embedding = QuantEmbedding(quantize(weight, config.bits, group), embedding.padding_idx, weight.dtype)
+        if tied and head_name in grams:
+            from .gptq import quantize_aware
+
+            packed = quantize_aware(weight, grams.pop(head_name), config.bits, group, config.damping)
+        else:
+            packed = quantize(weight, config.bits, group)
+        new_embedding = QuantEmbedding(packed, embedding.padding_idx, weight.dtype)
         scale = getattr(embedding, "embed_scale", None)  # Gemma multiplies embeddings by sqrt(hidden)
         new_embedding.output_scale = float(scale) if scale is not None else 1.0
         swap("embedding", embedding_name, embedding, new_embedding)
@@ -92,7 +136,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig) -> QuantizeReport:
             report.layouts[head_name] = model.get_submodule(head_name).layout()
             _untie(model)
     if head is not None and not tied and config.embeddings and is_dense_layer(head):
-        swap("lm_head", head_name, head, _packed_linear(head, config))
+        swap("lm_head", head_name, head, _packed_linear(head, config, grams.pop(head_name, None)))
     return report
 
 

@@ -80,25 +80,44 @@ def _round(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: 
     return codes.to(torch.uint8), scale, offset, error
 
 
-def quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> PackedTensor:
-    """Round ``weight`` group-wise to ``bits``-bit codes (computed in float32, stored packed).
+def fit_ranges(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, offset) per row of ``groups`` (G, g): among its min/max shrunk by :data:`CLIP_SHRINKS`, the
+    range with the least squared rounding error (clipping a few outliers buys finer steps for the rest: the
+    llama.cpp / AWQ clip search)."""
+    levels = (1 << bits) - 1
+    low, high = groups.amin(dim=1), groups.amax(dim=1)
+    _, scale, offset, error = _round(groups, low, high, levels)
+    for shrink in CLIP_SHRINKS[1:]:
+        _, s, o, e = _round(groups, low * shrink, high * shrink, levels)
+        better = e < error
+        scale[better], offset[better], error[better] = s[better], o[better], e[better]
+    return scale, offset
 
-    Each group's range is the one, among its min/max shrunk by :data:`CLIP_SHRINKS`, with the least squared
-    error: clipping a few outliers buys finer steps for the rest (the llama.cpp / AWQ clip search).
-    """
+
+def codes_for(values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest codes of ``values`` on the grid ``offset + q * scale`` (shapes broadcast), as float."""
+    safe = torch.where(scale.float() > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    return torch.round((values - offset.float()) / safe).clamp_(0, (1 << bits) - 1)
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, shape, bits: int, group_size: int):
+    """A :class:`PackedTensor` from codes in row-major order (any shape; padded to whole groups here)."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    padded = math.ceil(flat.numel() / group_size) * group_size
+    flat = torch.nn.functional.pad(flat, (0, padded - flat.numel()))
+    return PackedTensor(pack_codes(flat, bits), scale, offset, tuple(shape), bits, group_size)
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> PackedTensor:
+    """Round ``weight`` group-wise to ``bits``-bit codes on each group's best clipped range (:func:`fit_ranges`);
+    computed in float32, stored packed."""
     check_bits(bits, group_size)
     flat = weight.detach().reshape(-1).float()
     padded = math.ceil(flat.numel() / group_size) * group_size
-    flat = torch.nn.functional.pad(flat, (0, padded - flat.numel()))
-    groups = flat.view(-1, group_size)  # (G, g)
-    levels = (1 << bits) - 1
-    low, high = groups.amin(dim=1), groups.amax(dim=1)
-    codes, scale, offset, error = _round(groups, low, high, levels)
-    for shrink in CLIP_SHRINKS[1:]:
-        c, s, o, e = _round(groups, low * shrink, high * shrink, levels)
-        better = e < error
-        codes[better], scale[better], offset[better], error[better] = c[better], s[better], o[better], e[better]
-    return PackedTensor(pack_codes(codes.reshape(-1), bits), scale, offset, tuple(weight.shape), bits, group_size)
+    groups = torch.nn.functional.pad(flat, (0, padded - flat.numel())).view(-1, group_size)  # (G, g)
+    scale, offset = fit_ranges(groups, bits)
+    codes = codes_for(groups, scale[:, None], offset[:, None], bits)
+    return pack(codes.reshape(-1)[: flat.numel()], scale, offset, weight.shape, bits, group_size)
 
 
 def dequantize_groups(
