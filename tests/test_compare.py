@@ -39,6 +39,15 @@ def test_compare_writes_one_table_with_every_method_and_resumes(tmp_path):
     stamp = (out / "results" / "layerchop.json").stat().st_mtime
     result = CliRunner().invoke(app, args)  # everything done: reuses results, rewrites the table
     assert result.exit_code == 0 and (out / "results" / "layerchop.json").stat().st_mtime == stamp
+    more = [a if a != "int8,layerchop" else "int8,int4,layerchop" for a in args]
+    result = CliRunner().invoke(app, more)  # a method added later: only it is built and timed (beside the original)
+    assert result.exit_code == 0, result.output
+    assert (out / "results" / "layerchop.json").stat().st_mtime == stamp
+    again = json.loads((out / "compare.json").read_text())
+    assert [m["method"] for m in again["methods"]] == ["original", "int8", "int4", "layerchop"]
+    assert again["speed"]["per_method"]["int8"] == speed["int8"]  # kept from the first run
+    assert again["speed"]["per_method"]["int4"]["decode_tokens_per_s"] > 0
+    assert "int4 (weight-only)" in (out / "compare.md").read_text()
 
 
 def test_compare_refuses_unknown_methods_and_orphan_int4():

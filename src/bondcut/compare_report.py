@@ -12,6 +12,7 @@ LABELS = {
     "original": "original",
     "int8": "int8 (weight-only)",
     "int4": "int4 (weight-only)",
+    "int4_gptq": "int4 GPTQ (weight-only)",
     "svd": "truncated SVD",
     "svd_llm": "aware low rank (SVD-LLM)",
     "layerchop": "LayerChop",
