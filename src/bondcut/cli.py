@@ -94,6 +94,9 @@ def compress(
         ),
     ] = None,  # fmt: skip
     max_deleted_blocks: Annotated[int, typer.Option(help="with --target-bytes: blocks it may delete")] = 4,
+    rounding: Annotated[
+        str, typer.Option(help="with --target-bytes: round packed dense matrices 'gptq' (activation-aware) or 'rtn'")
+    ] = "gptq",
 ) -> None:
     """Replace the self-attention and MLP matrices by MPOs (and, with --target-bytes, pack/delete jointly); save."""
     import bondcut
@@ -108,6 +111,7 @@ def compress(
         config = CompressConfig(
             target_bytes=None if target_bytes is None else parse_bytes(target_bytes),
             max_deleted_blocks=max_deleted_blocks,
+            joint_rounding=rounding,
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
             exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens, allocation=allocation,
             ratio_of=ratio_of, profile=None if profile is None else str(profile), profile_tokens=profile_tokens,
@@ -602,6 +606,9 @@ def compare_command(
     search: Annotated[int, typer.Option(help="bondcut's search evaluations")] = 48,
     chop_rule: Annotated[str, typer.Option(help="LayerChop's block choice: 'measured' (KL) or 'deepest'")] = "measured",
     quantize_cores: Annotated[bool, typer.Option(help="bondcut_int4 also packs the MPO cores")] = False,
+    rounding: Annotated[
+        str, typer.Option(help="rounding of bondcut_int4's and joint's packed weights: 'gptq' or 'rtn'")
+    ] = "gptq",
     threads: Annotated[int, typer.Option(help="threads for the speed measurements")] = 2,
     bench_repeats: Annotated[int, typer.Option(help="timed repeats per speed figure (median reported)")] = 3,
     bench_train_batch: Annotated[int, typer.Option(help="sequences of 256 tokens per timed training step")] = 8,
@@ -616,7 +623,7 @@ def compare_command(
 
     chosen = METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
     try:
-        config = CompareConfig(ratio=ratio, heal_tokens=heal_tokens, heal_lr=heal_lr, distill=distill,
+        config = CompareConfig(rounding=rounding, ratio=ratio, heal_tokens=heal_tokens, heal_lr=heal_lr, distill=distill,
                                eval_tokens=eval_tokens, tasks=_parse_tasks(tasks),
                                task_limit=task_limit, methods=chosen,
                                search_evaluations=search, chop_rule=chop_rule, quantize_cores=quantize_cores,

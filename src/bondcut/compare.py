@@ -53,12 +53,15 @@ class CompareConfig:
     target_bytes: int | None = None  # the joint method's budget; None = the size of bondcut_int4's weights
     joint_blocks: int = 4
     group_size: int = 64
+    rounding: str = "gptq"  # how bondcut_int4 and joint round their packed dense weights (int4 / int4_gptq: both)
     bench_repeats: int = 3
     bench_train_batch: int = 8
     threads: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.rounding not in ("gptq", "rtn"):
+            raise ValueError(f"rounding must be 'gptq' or 'rtn', got {self.rounding!r}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}, e.g. --methods svd,bondcut")
@@ -126,7 +129,8 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, targe
         return ""
     if method == "joint":
         joint = compress(model, CompressConfig(target_bytes=target_bytes, max_deleted_blocks=config.joint_blocks,
-                                               group_size=config.group_size), tokenizer=tokenizer).joint  # fmt: skip
+                                               group_size=config.group_size, joint_rounding=config.rounding),
+                         tokenizer=tokenizer).joint  # fmt: skip
         return (f"joint plan for {target_bytes / 1e6:.1f} MB: blocks deleted {joint['removed_blocks']}, embedding "
                 f"{joint['embedding_bits'] or 'float'}")  # fmt: skip
     if method in QUANTIZED:
@@ -188,8 +192,9 @@ def run_method(
     start = time.perf_counter()
     stage(method, "building")
     if method == "bondcut_int4":
-        quantize_model(model, QuantizeConfig(bits=4, group_size=config.group_size, cores=config.quantize_cores))
-        note = "the healed bondcut model; embeddings, head and dense layers int4" + (
+        quantize_model(model, QuantizeConfig(bits=4, group_size=config.group_size, cores=config.quantize_cores,
+                                             method=config.rounding), tokenizer=tokenizer)  # fmt: skip
+        note = f"the healed bondcut model; embeddings, head and dense layers int4 ({config.rounding})" + (
             ", cores int4" if config.quantize_cores else ""
         )
     else:

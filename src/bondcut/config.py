@@ -49,6 +49,8 @@ class CompressConfig:
             the embedding's precision and up to ``max_deleted_blocks`` whole blocks to delete.
         max_deleted_blocks: how many blocks the joint allocator may delete (0 = none).
         joint_bits: packed precisions the joint allocator may use; ``group_size``: weights per scale.
+        joint_rounding: how its packed dense matrices and embedding are rounded: "gptq" (activation-aware, on
+            calibration text; the plan's predicted packing errors are round-to-nearest's, an upper estimate) or "rtn".
     """
 
     chi: int | dict[str, int] | None = None
@@ -71,6 +73,7 @@ class CompressConfig:
     target_bytes: int | None = None
     max_deleted_blocks: int = 4
     joint_bits: tuple[int, ...] = (8, 4)
+    joint_rounding: str = "gptq"
     group_size: int = 64
 
     def __post_init__(self) -> None:
@@ -85,6 +88,8 @@ class CompressConfig:
         if self.max_deleted_blocks < 0 or any(b not in (8, 4) for b in self.joint_bits):
             raise ValueError(f"max_deleted_blocks must be >= 0 and joint_bits a subset of (8, 4), got "
                              f"{self.max_deleted_blocks}, {self.joint_bits}")  # fmt: skip
+        if self.joint_rounding not in ("gptq", "rtn"):
+            raise ValueError(f"joint_rounding must be 'gptq' or 'rtn', got {self.joint_rounding!r}")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise ValueError(f"ratio is the kept fraction of parameters and must be in (0, 1], got {self.ratio}")
         if self.tol is not None and not 0 <= self.tol < 1:

@@ -234,16 +234,25 @@ def allocate_joint(
     return plan
 
 
-def apply_storage(model: nn.Module, plan: JointPlan) -> None:
-    """After the MPO surgery: pack what the plan packs (matrices, embedding), then delete its blocks."""
+def apply_storage(
+    model: nn.Module, plan: JointPlan, rounding: str = "rtn", tokenizer=None, calibration_tokens: int = 16384
+) -> None:
+    """After the MPO surgery: pack what the plan packs (matrices, embedding), then delete its blocks.
+
+    ``rounding`` "gptq" rounds dense matrices and the embedding activation-aware on ``calibration_tokens``
+    (cores always to nearest)."""
     from .layerchop import remove_blocks
     from .quant import QuantizeConfig, quantize_model
 
     packed = {n: c.bits for n, c in plan.plan.layers.items() if c.bits is not None}
     for bits in sorted(set(packed.values())):
         only = tuple(n for n, b in packed.items() if b == bits)
-        quantize_model(model, QuantizeConfig(bits=bits, group_size=plan.group_size, embeddings=False, only=only))
+        quantize_model(model, QuantizeConfig(bits=bits, group_size=plan.group_size, embeddings=False, only=only,
+                                             method=rounding, calibration_tokens=calibration_tokens),
+                       tokenizer=tokenizer)  # fmt: skip
     if plan.embedding_bits is not None:
-        quantize_model(model, QuantizeConfig(bits=plan.embedding_bits, group_size=plan.group_size, linear=False))
+        quantize_model(model, QuantizeConfig(bits=plan.embedding_bits, group_size=plan.group_size, linear=False,
+                                             method=rounding, calibration_tokens=calibration_tokens),
+                       tokenizer=tokenizer)  # fmt: skip
     if plan.removed_blocks:
         remove_blocks(model, plan.removed_blocks)

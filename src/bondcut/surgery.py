@@ -255,7 +255,7 @@ def compress(
     if joint is not None:
         from .joint import apply_storage
 
-        apply_storage(model, joint)
+        apply_storage(model, joint, config.joint_rounding, tokenizer, max(512, config.calibration_tokens or 0))
     report.model_params_after = sum(p.numel() for p in model.parameters())
     attach_layout_config(model, **({"plan": report.plan} if report.plan else {}))
     return report
