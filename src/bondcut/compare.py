@@ -248,7 +248,9 @@ def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareCon
                              train_batch=config.bench_train_batch)  # fmt: skip
     baseline = dirs["original"]
     inference = bench(list(dirs.values()), baseline=baseline, settings=settings, phases=("inference",), on_step=on_step)
-    trainable = [d for m, d in dirs.items() if m not in QUANTIZED and m != "bondcut_int4"]
+    packed = {r.method for r in results if r.method in QUANTIZED or r.method == "bondcut_int4"
+              or (r.method == "joint" and r.perplexity_before_heal is None)}  # fmt: skip  # nothing float to train
+    trainable = [d for m, d in dirs.items() if m not in packed]
     training = bench(trainable, baseline=baseline, settings=settings, phases=("training",), on_step=on_step)
     speed = {}
     for method, d in dirs.items():
