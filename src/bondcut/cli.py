@@ -480,7 +480,7 @@ def heal_command(
     """Retrain a compressed model briefly (LM loss and/or distillation); resumable; DDP or FSDP under torchrun."""
     import bondcut
 
-    from .heal import HealConfig, heal
+    from .heal import HealConfig, full_model_state, heal
     from .report import plot_heal
 
     if out.exists() and not overwrite:
@@ -512,8 +512,6 @@ def heal_command(
         except ValueError as err:
             _fail(str(err))
     from accelerate import PartialState
-
-    from .heal import full_model_state
 
     state = PartialState()
     gathered = full_model_state(net) if fsdp and state.num_processes > 1 else None  # every process takes part

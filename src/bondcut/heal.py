@@ -326,17 +326,13 @@ def _evaluate(accelerator, model: nn.Module, tokenizer, step: int, tokens: int, 
     from .perplexity import perplexity
 
     result = {}
-    if sharded:
-        model.eval()
-        ppl = perplexity(model, tokenizer, split_text("heldout", genres="a"), context=512, stride=256,
-                         max_tokens=tokens)  # fmt: skip
-        return {"step": step, **ppl.to_dict()} if accelerator.is_main_process else {}
-    if accelerator.is_main_process:
-        net = accelerator.unwrap_model(model)
+    if sharded or accelerator.is_main_process:
+        net = model if sharded else accelerator.unwrap_model(model)
         net.eval()
         ppl = perplexity(net, tokenizer, split_text("heldout", genres="a"), context=512, stride=256, max_tokens=tokens)
-        result = {"step": step, **ppl.to_dict()}
-    accelerator.wait_for_everyone()
+        result = {"step": step, **ppl.to_dict()} if accelerator.is_main_process else {}
+    if not sharded:
+        accelerator.wait_for_everyone()
     return result
 
 
@@ -396,7 +392,7 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, schedule) -> tuple
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, state["trainable"], options=options)
     raw = getattr(optimizer, "optimizer", optimizer)
-    if all(isinstance(k, int) for k in state["optimizer"]["state"]):
+    if isinstance(state["optimizer"]["param_groups"][0]["params"][0], int):
         raw.load_state_dict(state["optimizer"])  # checkpoints written before the by-name layout
     else:
         set_optimizer_state_dict(model, raw, state["optimizer"], options=options)

@@ -243,16 +243,18 @@ def apply_storage(
     (cores always to nearest)."""
     from .layerchop import remove_blocks
     from .quant import QuantizeConfig, quantize_model
+    from .quant.apply import gram_matrices
 
     packed = {n: c.bits for n, c in plan.plan.layers.items() if c.bits is not None}
+    settings = dict(group_size=plan.group_size, method=rounding, calibration_tokens=calibration_tokens)
+    grams = None  # gptq: every packed dense matrix's and the head's statistics, in one calibration pass
+    if rounding == "gptq":
+        everything = QuantizeConfig(**settings, only=tuple(packed), embeddings=plan.embedding_bits is not None)
+        grams = gram_matrices(model, tokenizer, everything)
     for bits in sorted(set(packed.values())):
         only = tuple(n for n, b in packed.items() if b == bits)
-        quantize_model(model, QuantizeConfig(bits=bits, group_size=plan.group_size, embeddings=False, only=only,
-                                             method=rounding, calibration_tokens=calibration_tokens),
-                       tokenizer=tokenizer)  # fmt: skip
+        quantize_model(model, QuantizeConfig(**settings, bits=bits, embeddings=False, only=only), grams=grams)
     if plan.embedding_bits is not None:
-        quantize_model(model, QuantizeConfig(bits=plan.embedding_bits, group_size=plan.group_size, linear=False,
-                                             method=rounding, calibration_tokens=calibration_tokens),
-                       tokenizer=tokenizer)  # fmt: skip
+        quantize_model(model, QuantizeConfig(**settings, bits=plan.embedding_bits, linear=False), grams=grams)
     if plan.removed_blocks:
         remove_blocks(model, plan.removed_blocks)

@@ -1,10 +1,10 @@
 """Quantize what a model has left (embeddings, LM head, dense Linear layers, optionally MPO cores), in place.
 
 :func:`quantize_model` swaps modules for their packed counterparts (:mod:`bondcut.quant.modules`) and returns
-the layouts, which ride in ``config.json`` next to the MPO layout. Dense Linear layers round to nearest
-(``method="rtn"``) or activation-aware (``method="gptq"``, :mod:`bondcut.quant.gptq`, on the input statistics of
-calibration tokens; same packed format); embeddings and cores always round to nearest. :func:`install_quant_layers` rebuilds the
-empty packed modules from them before transformers loads the weights. A tied LM head stays tied: it reads the
+the layouts, which ride in ``config.json`` next to the MPO layout. Dense Linear layers and the LM head round to
+nearest (``method="rtn"``) or activation-aware (``method="gptq"``, :mod:`bondcut.quant.gptq`, on the input
+statistics of calibration tokens; same packed format; a tied embedding is rounded for the head's inputs); MPO
+cores and an untied embedding round to nearest. :func:`install_quant_layers` rebuilds the empty packed modules from them before transformers loads the weights. A tied LM head stays tied: it reads the
 packed embedding, stored once.
 """
 
@@ -73,12 +73,13 @@ def _packed_linear(module: nn.Module, config: QuantizeConfig, gram: torch.Tensor
     return QuantLinear(packed, module.bias, weight.dtype)
 
 
-def _linear_grams(model: nn.Module, tokenizer, config: QuantizeConfig, head_name: str) -> dict[str, torch.Tensor]:
-    """Input Gram matrices of the dense Linear layers ``quantize_model`` will pack, and of the LM head (whose
-    error reaches the logits directly; a tied embedding is rounded for the head's inputs), from the unquantized
-    model."""
+def gram_matrices(model: nn.Module, tokenizer, config: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """Input Gram matrices of the dense Linear layers ``quantize_model(model, config)`` would pack, and of the LM
+    head (whose error reaches the logits directly; a tied embedding is rounded for the head's inputs), from the
+    model as it is now: one calibration pass."""
     from ..calibration import input_covariances
 
+    head_name = name_of(model, model.get_output_embeddings())
     if tokenizer is None:
         raise ValueError("method='gptq' rounds on calibration text: pass the tokenizer (quantize_model(model, "
                          "config, tokenizer=tok)), or use method='rtn'")  # fmt: skip
@@ -90,10 +91,13 @@ def _linear_grams(model: nn.Module, tokenizer, config: QuantizeConfig, head_name
     return input_covariances(model, tokenizer, names, tokens=config.calibration_tokens)[0] if names else {}
 
 
-def quantize_model(model: nn.Module, config: QuantizeConfig, tokenizer=None) -> QuantizeReport:
+def quantize_model(
+    model: nn.Module, config: QuantizeConfig, tokenizer=None, grams: dict[str, torch.Tensor] | None = None
+) -> QuantizeReport:
     """Replace embeddings, LM head, dense Linear layers (and, with ``config.cores``, MPO layers) by packed ones.
 
-    ``tokenizer`` is needed for ``method="gptq"`` (its calibration text)."""
+    ``method="gptq"`` needs the ``tokenizer`` (its calibration text), or ``grams`` from :func:`gram_matrices`
+    collected beforehand (several calls then share one calibration pass; each uses up the entries it packs)."""
     report = QuantizeReport()
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -105,8 +109,9 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, tokenizer=None) -> 
         set_submodule(model, name, new)
         report.layouts[name] = new.layout()
 
-    gptq = config.method == "gptq" and (config.linear or config.embeddings)
-    grams = _linear_grams(model, tokenizer, config, head_name) if gptq else {}
+    if grams is None:
+        gptq = config.method == "gptq" and (config.linear or config.embeddings)
+        grams = gram_matrices(model, tokenizer, config) if gptq else {}
     only = None if config.only is None else set(config.only)
     for name, module in list(model.named_modules()):
         if name == head_name or (only is not None and name not in only):

@@ -117,7 +117,7 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> PackedTen
     groups = torch.nn.functional.pad(flat, (0, padded - flat.numel())).view(-1, group_size)  # (G, g)
     scale, offset = fit_ranges(groups, bits)
     codes = codes_for(groups, scale[:, None], offset[:, None], bits)
-    return pack(codes.reshape(-1)[: flat.numel()], scale, offset, weight.shape, bits, group_size)
+    return pack(codes, scale, offset, weight.shape, bits, group_size)  # codes already fill whole groups
 
 
 def dequantize_groups(
