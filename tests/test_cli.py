@@ -44,6 +44,8 @@ def test_info_lists_every_layer(compressed_dir):
         (["compress", "smollm2-135m", "--chi", "4", "--sites", "many", "--out", "{tmp}/x"], "--sites"),
         (["compress", "smollm2-135m", "--chi", "4", "--exclude", "re:nothing_here", "--out", "{tmp}/x"], "matches no"),
         (["info", "{tmp}"], "no config.json"),
+        (["quantize", "smollm2-135m", "--pending", "--out", "{tmp}/x"], "no pending packing"),
+        (["compress", "smollm2-135m", "--ratio", "0.5", "--defer-packing", "--out", "{tmp}/x"], "give target_bytes"),
     ],
 )
 def test_bad_input_gives_a_clear_error_and_writes_nothing(args, message, tmp_path):

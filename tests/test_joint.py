@@ -9,10 +9,24 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 import bondcut
+from bondcut.allocate import LayerChoice, Plan
 from bondcut.candidates import Option, build_candidates
-from bondcut.joint import parse_bytes, priced_options, solve_joint
+from bondcut.cli import app
+from bondcut.hf_integration import attach_layout_config
+from bondcut.joint import (
+    JointPlan,
+    apply_pending_packing,
+    apply_storage,
+    parse_bytes,
+    pending_packing,
+    priced_options,
+    solve_joint,
+)
+from bondcut.layerchop import names_after_removal
+from bondcut.quant import quant_layouts
 from bondcut.sizes import directory_weight_bytes
 
 
@@ -105,3 +119,57 @@ def test_target_bytes_compress_fits_the_file_and_reloads(fresh_trained_model, pr
 def test_target_bytes_excludes_other_size_controls():
     with pytest.raises(ValueError, match="one size control"):
         bondcut.CompressConfig(ratio=0.5, target_bytes=10**8)
+
+
+def _hand_plan(bits: dict[str, int], removed: list[int], embedding_bits: int | None) -> JointPlan:
+    """A joint plan naming which matrices pack to which bits (all dense), for storage tests."""
+    layers = {name: LayerChoice("dense", None, None, 0, 0, 0.0, 0.0, b) for name, b in bits.items()}
+    plan = Plan(layers=layers, budget=0, method="hand", predicted_loss=0.0)
+    return JointPlan(plan, removed, embedding_bits, 0, 0, 0.0, 64)
+
+
+def test_deferred_packing_after_a_reload_equals_packing_at_once(trained_model, prompt_ids, tmp_path):
+    """Deleting block 1 renumbers the pending names; packing them later gives the same model as packing at once."""
+    import copy
+
+    model, tokenizer = trained_model
+    bits = {"model.layers.0.mlp.up_proj": 4, "model.layers.1.mlp.up_proj": 4, "model.layers.2.self_attn.q_proj": 8,
+            "model.layers.3.mlp.down_proj": 4}  # fmt: skip
+    plan = _hand_plan(bits, removed=[1], embedding_bits=4)
+    at_once, deferred = copy.deepcopy(model), copy.deepcopy(model)
+    apply_storage(at_once, plan, "rtn")
+    packing = apply_storage(deferred, plan, "rtn", defer_packing=True)
+    assert packing["layers"] == {"model.layers.0.mlp.up_proj": 4, "model.layers.1.self_attn.q_proj": 8,
+                                 "model.layers.2.mlp.down_proj": 4}  # fmt: skip
+    assert not quant_layouts(deferred) and len(deferred.model.layers) == len(model.model.layers) - 1
+    attach_layout_config(deferred, pending_packing=packing)
+    bondcut.save(deferred, tmp_path / "pending", tokenizer=tokenizer)
+    reloaded, _ = bondcut.load(tmp_path / "pending")
+    assert pending_packing(reloaded) == packing
+    apply_pending_packing(reloaded)
+    assert pending_packing(reloaded) is None and set(quant_layouts(reloaded)) == set(quant_layouts(at_once))
+    with torch.no_grad():
+        assert torch.equal(reloaded(prompt_ids).logits, at_once(prompt_ids).logits)
+    with pytest.raises(ValueError, match="no pending packing"):
+        apply_pending_packing(reloaded)
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "pending"), "--pending", "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    packed_by_cli, _ = bondcut.load(tmp_path / "cli")
+    with torch.no_grad():
+        assert torch.equal(packed_by_cli(prompt_ids).logits, at_once(prompt_ids).logits)
+
+
+def test_names_after_removal_renumbers_blocks_and_drops_deleted_ones(trained_model):
+    model, _ = trained_model
+    names = ["model.layers.0.mlp.up_proj", "model.layers.2.mlp", "model.layers.5.self_attn.o_proj", "lm_head"]
+    assert names_after_removal(model, names, [2, 3]) == {
+        "model.layers.0.mlp.up_proj": "model.layers.0.mlp.up_proj",
+        "model.layers.2.mlp": None,
+        "model.layers.5.self_attn.o_proj": "model.layers.3.self_attn.o_proj",
+        "lm_head": "lm_head",
+    }
+
+
+def test_defer_packing_needs_the_joint_search():
+    with pytest.raises(ValueError, match="give target_bytes"):
+        bondcut.CompressConfig(ratio=0.5, defer_packing=True)

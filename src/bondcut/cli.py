@@ -97,6 +97,10 @@ def compress(
     rounding: Annotated[
         str, typer.Option(help="with --target-bytes: round packed dense matrices 'gptq' (activation-aware) or 'rtn'")
     ] = "gptq",
+    defer_packing: Annotated[
+        bool, typer.Option(help="with --target-bytes: leave the packing pending, to heal the float model first "
+                                "(then: bondcut quantize DIR --pending)")
+    ] = False,  # fmt: skip
 ) -> None:
     """Replace the self-attention and MLP matrices by MPOs (and, with --target-bytes, pack/delete jointly); save."""
     import bondcut
@@ -112,6 +116,7 @@ def compress(
             target_bytes=None if target_bytes is None else parse_bytes(target_bytes),
             max_deleted_blocks=max_deleted_blocks,
             joint_rounding=rounding,
+            defer_packing=defer_packing,
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
             exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens, allocation=allocation,
             ratio_of=ratio_of, profile=None if profile is None else str(profile), profile_tokens=profile_tokens,
@@ -549,13 +554,16 @@ def quantize_command(
                                "text; same file format)")
     ] = "rtn",  # fmt: skip
     calibration_tokens: Annotated[int, typer.Option(help="gptq: calibration tokens")] = 16384,
+    pending: Annotated[
+        bool, typer.Option(help="apply the per-layer packing that compress --target-bytes --defer-packing left "
+                                "(its bits and rounding; --bits, --method and the rest are then not used)")
+    ] = False,  # fmt: skip
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """Weight-only int8/int4 for embeddings, LM head and non-tensorized Linear layers (optionally MPO cores)."""
     import bondcut
 
     from .quant import QuantizeConfig, quantize_model
-    from .sizes import directory_weight_bytes
 
     if out.exists() and not overwrite:
         _fail(f"{out} already exists; pass --overwrite or choose another --out")
@@ -566,6 +574,9 @@ def quantize_command(
         _fail(str(err))
     source = _resolve(model)
     net, tokenizer = _load(model, source)
+    if pending:
+        _pack_pending(net, tokenizer, calibration_tokens, model, source, out, overwrite)
+        return
     with console.status(f"packing to {bits} bits" + (" (gptq: calibration statistics first)" if method == "gptq" else "")):
         report = quantize_model(net, config, tokenizer=tokenizer)
     with console.status(f"saving to {out}"):
@@ -577,9 +588,35 @@ def quantize_command(
         after = report.bytes_after[kind]
         table.add_row(kind, f"{before / 1e6:.1f}", f"{after / 1e6:.1f}", f"{after / before:.3f}")
     console.print(table)
+    _say_file_sizes(source, out)
+
+
+def _say_file_sizes(source, out: Path) -> None:
+    """Print the weight file's size before and after, and where it went."""
+    from .sizes import directory_weight_bytes
+
     before, after = directory_weight_bytes(source), directory_weight_bytes(out)
     console.print(f"weight file {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.1%}); "
                   f"saved to {out}")  # fmt: skip
+
+
+def _pack_pending(net, tokenizer, calibration_tokens: int, name: str, source, out: Path, overwrite: bool) -> None:
+    """quantize --pending: pack what the deferred joint plan names, save, and say what it became."""
+    import bondcut
+
+    from .joint import apply_pending_packing, pending_packing
+
+    packing = pending_packing(net)
+    if packing is None:
+        _fail(f"{name} has no pending packing: make one with bondcut compress MODEL --target-bytes SIZE "
+              "--defer-packing (or quantize without --pending)")  # fmt: skip
+    bits = sorted(set(packing["layers"].values()))
+    with console.status(f"packing {len(packing['layers'])} matrices ({packing['rounding']}, bits {bits}), "
+                        f"embedding {packing['embedding_bits'] or 'float'}"):  # fmt: skip
+        apply_pending_packing(net, tokenizer, calibration_tokens)
+    with console.status(f"saving to {out}"):
+        bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite)
+    _say_file_sizes(source, out)
 
 
 @app.command(name="compare")

@@ -9,7 +9,8 @@ Every method starts from the same original model and, where it trains, gets the 
 - ``bondcut``: profile allocation + aware decomposition + search; ``bondcut_int4``: that model after healing,
   with embeddings, head and dense layers packed to 4 bits (the paper's "MPO + 4-bit" model);
 - ``joint``: one byte budget (``target_bytes``, default: bondcut_int4's file size) shared by MPO layouts and χ,
-  int8/int4 packing and block deletion, chosen together (:mod:`bondcut.joint`), then healed.
+  int8/int4 packing and block deletion, chosen together (:mod:`bondcut.joint`); its float structure (MPO
+  cores, blocks deleted) is healed, then packed (its "before healing" figure: packed without healing).
 
 Each method's model and result land in ``out/models/NAME`` and ``out/results/NAME.json`` (a rerun skips
 what is done: the run resumes). Speed is measured last, every model in its own process, against the original.
@@ -129,7 +130,8 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, targe
         return ""
     if method == "joint":
         joint = compress(model, CompressConfig(target_bytes=target_bytes, max_deleted_blocks=config.joint_blocks,
-                                               group_size=config.group_size, joint_rounding=config.rounding),
+                                               group_size=config.group_size, joint_rounding=config.rounding,
+                                               defer_packing=True),
                          tokenizer=tokenizer).joint  # fmt: skip
         return (f"joint plan for {target_bytes / 1e6:.1f} MB: blocks deleted {joint['removed_blocks']}, embedding "
                 f"{joint['embedding_bits'] or 'float'}")  # fmt: skip
@@ -167,6 +169,17 @@ def _quality(model: nn.Module, tokenizer, config: CompareConfig, tasks: bool) ->
     return out
 
 
+def _packed_copy(model: nn.Module, tokenizer) -> nn.Module:
+    """A copy of a deferred joint model with its pending packing applied: the joint row before healing."""
+    import copy
+
+    from .joint import apply_pending_packing
+
+    packed = copy.deepcopy(model)
+    apply_pending_packing(packed, tokenizer)
+    return packed
+
+
 def run_method(
     method: str,
     original: str,
@@ -177,6 +190,7 @@ def run_method(
 ) -> MethodResult:
     """Build, heal (if it trains), evaluate and save one method; reuse its result file when present."""
     from .heal import HealConfig, heal
+    from .joint import apply_pending_packing
     from .quant import QuantizeConfig, quantize_model
     from .serialization import load, save
     from .sizes import directory_weight_bytes
@@ -208,7 +222,9 @@ def run_method(
     trains = method != "joint" or any(isinstance(m, MPOLinear) for m in model.modules())  # packed cores do not
     if method in HEALED and config.heal_tokens and trains:
         stage(method, "quality before healing")
-        before = _quality(model, tokenizer, config, tasks=False)["perplexity"]
+        unhealed = _packed_copy(model, tokenizer) if method == "joint" else model
+        before = _quality(unhealed, tokenizer, config, tasks=False)["perplexity"]
+        del unhealed
         stage(method, "healing")
         start = time.perf_counter()
         train = "all" if method == "layerchop" else "mpo"  # chopped blocks are dense: continued pretraining
@@ -216,6 +232,9 @@ def run_method(
                                  eval_tokens=1024, seed=config.seed)  # fmt: skip
         heal(model, tokenizer, heal_config, teacher=teacher if config.distill else None)
         heal_s = time.perf_counter() - start
+    if method == "joint":
+        stage(method, "packing")
+        apply_pending_packing(model, tokenizer)
     model.eval()
     stage(method, "quality")
     quality = _quality(model, tokenizer, config, tasks=True)

@@ -51,6 +51,9 @@ class CompressConfig:
         joint_bits: packed precisions the joint allocator may use; ``group_size``: weights per scale.
         joint_rounding: how its packed dense matrices and embedding are rounded: "gptq" (activation-aware, on
             calibration text; the plan's predicted packing errors are round-to-nearest's, an upper estimate) or "rtn".
+        defer_packing: with ``target_bytes``: do the MPO surgery and block deletion but leave the packing pending
+            in the model's config, so the float model can be healed first;
+            :func:`bondcut.joint.apply_pending_packing` (``bondcut quantize --pending``) packs it afterwards.
     """
 
     chi: int | dict[str, int] | None = None
@@ -74,6 +77,7 @@ class CompressConfig:
     max_deleted_blocks: int = 4
     joint_bits: tuple[int, ...] = (8, 4)
     joint_rounding: str = "gptq"
+    defer_packing: bool = False
     group_size: int = 64
 
     def __post_init__(self) -> None:
@@ -88,6 +92,8 @@ class CompressConfig:
         if self.max_deleted_blocks < 0 or any(b not in (8, 4) for b in self.joint_bits):
             raise ValueError(f"max_deleted_blocks must be >= 0 and joint_bits a subset of (8, 4), got "
                              f"{self.max_deleted_blocks}, {self.joint_bits}")  # fmt: skip
+        if self.defer_packing and self.target_bytes is None:
+            raise ValueError("defer_packing applies to the joint search: give target_bytes as well")
         if self.joint_rounding not in ("gptq", "rtn"):
             raise ValueError(f"joint_rounding must be 'gptq' or 'rtn', got {self.joint_rounding!r}")
         if self.ratio is not None and not 0 < self.ratio <= 1:

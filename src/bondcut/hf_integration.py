@@ -106,12 +106,14 @@ def attach_layout_config(model: nn.Module, **extra: Any) -> None:
     else:
         kept.pop("quantized", None)
     version = FORMAT_VERSION if quantized else 1  # MPO-only directories stay readable by bondcut 0.1 readers
-    model.config.quantization_config = BondcutMPOConfig(layers=mpo_layouts(model), format_version=version,
-                                                        **{**kept, **extra})  # fmt: skip
+    merged = {k: v for k, v in {**kept, **extra}.items() if v is not None}  # None clears an entry
+    model.config.quantization_config = BondcutMPOConfig(layers=mpo_layouts(model), format_version=version, **merged)
 
 
 def has_bondcut_layers(model: nn.Module) -> bool:
-    """Whether ``model`` holds MPO or packed layers that config.json must describe."""
+    """Whether ``model`` holds MPO or packed layers (or a pending packing) that config.json must describe."""
+    from .joint import pending_packing
     from .quant import quant_layouts
 
-    return any(isinstance(m, MPOLinear) for m in model.modules()) or bool(quant_layouts(model))
+    mpo = any(isinstance(m, MPOLinear) for m in model.modules())
+    return mpo or bool(quant_layouts(model)) or pending_packing(model) is not None

@@ -234,27 +234,77 @@ def allocate_joint(
     return plan
 
 
+def packing_of(plan: JointPlan, rounding: str) -> dict:
+    """What ``plan`` packs, as a JSON-ready dict: bits per matrix name, the embedding's bits, group size, rounding."""
+    layers = {n: c.bits for n, c in plan.plan.layers.items() if c.bits is not None}
+    return {"layers": layers, "embedding_bits": plan.embedding_bits, "group_size": plan.group_size,
+            "rounding": rounding}  # fmt: skip
+
+
 def apply_storage(
-    model: nn.Module, plan: JointPlan, rounding: str = "rtn", tokenizer=None, calibration_tokens: int = 16384
-) -> None:
-    """After the MPO surgery: pack what the plan packs (matrices, embedding), then delete its blocks.
+    model: nn.Module,
+    plan: JointPlan,
+    rounding: str = "rtn",
+    tokenizer=None,
+    calibration_tokens: int = 16384,
+    defer_packing: bool = False,
+) -> dict:
+    """After the MPO surgery: delete the plan's blocks, then pack what it packs (matrices, embedding).
 
     ``rounding`` "gptq" rounds dense matrices and the embedding activation-aware on ``calibration_tokens``
-    (cores always to nearest)."""
-    from .layerchop import remove_blocks
+    (cores always to nearest), with the blocks already gone. ``defer_packing`` stops after the deletion, so the
+    float model can be healed first; the returned packing (names as they stand after deletion) is then applied
+    by :func:`apply_packing`."""
+    from .layerchop import names_after_removal, remove_blocks
+
+    packing = packing_of(plan, rounding)
+    if plan.removed_blocks:
+        renamed = names_after_removal(model, list(packing["layers"]), plan.removed_blocks)
+        packing["layers"] = {renamed[n]: b for n, b in packing["layers"].items() if renamed[n] is not None}
+        remove_blocks(model, plan.removed_blocks)
+    if not defer_packing:
+        apply_packing(model, packing, tokenizer, calibration_tokens)
+    return packing
+
+
+def apply_packing(model: nn.Module, packing: dict, tokenizer=None, calibration_tokens: int = 16384) -> None:
+    """Pack, in place, the matrices and embedding that ``packing`` (from :func:`packing_of`) names, to its bits.
+
+    GPTQ rounding collects the statistics of every packed dense matrix and of the head in one calibration pass."""
     from .quant import QuantizeConfig, quantize_model
     from .quant.apply import gram_matrices
 
-    packed = {n: c.bits for n, c in plan.plan.layers.items() if c.bits is not None}
-    settings = dict(group_size=plan.group_size, method=rounding, calibration_tokens=calibration_tokens)
-    grams = None  # gptq: every packed dense matrix's and the head's statistics, in one calibration pass
+    packed, rounding = packing["layers"], packing["rounding"]
+    if rounding == "gptq" and tokenizer is None:
+        raise ValueError("GPTQ packing needs calibration text: pass the tokenizer")
+    settings = dict(group_size=packing["group_size"], method=rounding, calibration_tokens=calibration_tokens)
+    grams = None
     if rounding == "gptq":
-        everything = QuantizeConfig(**settings, only=tuple(packed), embeddings=plan.embedding_bits is not None)
+        everything = QuantizeConfig(**settings, only=tuple(packed), embeddings=packing["embedding_bits"] is not None)
         grams = gram_matrices(model, tokenizer, everything)
     for bits in sorted(set(packed.values())):
         only = tuple(n for n, b in packed.items() if b == bits)
         quantize_model(model, QuantizeConfig(**settings, bits=bits, embeddings=False, only=only), grams=grams)
-    if plan.embedding_bits is not None:
-        quantize_model(model, QuantizeConfig(**settings, bits=plan.embedding_bits, linear=False), grams=grams)
-    if plan.removed_blocks:
-        remove_blocks(model, plan.removed_blocks)
+    if packing["embedding_bits"] is not None:
+        quantize_model(model, QuantizeConfig(**settings, bits=packing["embedding_bits"], linear=False), grams=grams)
+
+
+def pending_packing(model: nn.Module) -> dict | None:
+    """The packing a deferred joint compression left in the model's config (None when there is none)."""
+    quant = getattr(model.config, "quantization_config", None)
+    extra = getattr(quant, "extra", None) or {}
+    return extra.get("pending_packing")
+
+
+def apply_pending_packing(model: nn.Module, tokenizer=None, calibration_tokens: int = 16384) -> dict:
+    """Pack what ``compress(..., CompressConfig(target_bytes=..., defer_packing=True))`` left pending (after
+    healing, typically), in place, and clear it from the config. Returns the packing applied."""
+    from .hf_integration import attach_layout_config
+
+    packing = pending_packing(model)
+    if packing is None:
+        raise ValueError("this model has no pending packing: it comes from compress --target-bytes "
+                         "--defer-packing (Python: CompressConfig(target_bytes=..., defer_packing=True))")  # fmt: skip
+    apply_packing(model, packing, tokenizer, calibration_tokens)
+    attach_layout_config(model, pending_packing=None)
+    return packing

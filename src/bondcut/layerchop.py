@@ -133,6 +133,27 @@ def remove_blocks(model: nn.Module, removed: Sequence[int]) -> None:
             config.layer_types = [config.layer_types[i] for i in kept]
 
 
+def names_after_removal(model: nn.Module, names: Sequence[str], removed: Sequence[int]) -> dict[str, str | None]:
+    """Module names as :func:`remove_blocks` will renumber them: old -> new (None for those in removed blocks)."""
+    from .surgery import name_of
+
+    blocks, _ = _blocks(model)
+    prefix = name_of(model, blocks) + "."
+    gone = set(removed)
+    new_index = {}
+    for old in range(len(blocks)):
+        new_index[old] = None if old in gone else old - sum(1 for g in gone if g < old)
+    renamed = {}
+    for name in names:
+        if not name.startswith(prefix):
+            renamed[name] = name
+            continue
+        index, _, rest = name[len(prefix) :].partition(".")
+        moved = new_index[int(index)]
+        renamed[name] = None if moved is None else f"{prefix}{moved}" + (f".{rest}" if rest else "")
+    return renamed
+
+
 def chop(
     model: nn.Module,
     tokenizer,

@@ -252,12 +252,15 @@ def compress(
         log.debug("compressed %s: %s", target.name, layer_report)
         if on_layer is not None:
             on_layer(layer_report, index, len(targets))
+    pending = None
     if joint is not None:
         from .joint import apply_storage
 
-        apply_storage(model, joint, config.joint_rounding, tokenizer, max(512, config.calibration_tokens or 0))
+        calibration = max(512, config.calibration_tokens or 0)
+        packing = apply_storage(model, joint, config.joint_rounding, tokenizer, calibration, config.defer_packing)
+        pending = packing if config.defer_packing else None
     report.model_params_after = sum(p.numel() for p in model.parameters())
-    attach_layout_config(model, **({"plan": report.plan} if report.plan else {}))
+    attach_layout_config(model, **({"plan": report.plan} if report.plan else {}), pending_packing=pending)
     return report
 
 
