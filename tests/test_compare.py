@@ -48,6 +48,14 @@ def test_compare_writes_one_table_with_every_method_and_resumes(tmp_path):
     assert again["speed"]["per_method"]["int8"] == speed["int8"]  # kept from the first run
     assert again["speed"]["per_method"]["int4"]["decode_tokens_per_s"] > 0
     assert "int4 (weight-only)" in (out / "compare.md").read_text()
+    speed_file = out / "results" / "speed.json"
+    stale = json.loads(speed_file.read_text())
+    stale["per_method"]["int8"]["decode_tokens_per_s"] = -1.0  # marks the old timing
+    speed_file.write_text(json.dumps(stale))
+    (out / "results" / "int8.json").unlink()
+    result = CliRunner().invoke(app, more)  # a rebuilt method is timed again, not given its old figures
+    assert result.exit_code == 0, result.output
+    assert json.loads(speed_file.read_text())["per_method"]["int8"]["decode_tokens_per_s"] > 0
 
 
 def test_compare_refuses_unknown_methods_and_orphan_int4():

@@ -254,7 +254,17 @@ def run_method(
         notes=note,
     )
     atomic_write_text(result_file, json.dumps(result.to_dict(), indent=2))
+    _forget_speed(out, method)
     return result
+
+
+def _forget_speed(out: Path, method: str) -> None:
+    """Drop ``method``'s timing from speed.json: it described the model this run has just rebuilt."""
+    speed_file = out / "results" / "speed.json"
+    if speed_file.exists():
+        done = json.loads(speed_file.read_text())
+        if done["per_method"].pop(method, None) is not None:
+            atomic_write_text(speed_file, json.dumps(done, indent=2))
 
 
 def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareConfig, on_step=None) -> dict:
