@@ -157,15 +157,17 @@ def _quality(model: nn.Module, tokenizer, config: CompareConfig, tasks: bool) ->
     from .corpus import split_text
     from .evaluate import generate_greedy
     from .perplexity import perplexity
+    from .quant.kernels import int4_kernel
     from .zeroshot import zero_shot
 
-    ppl = perplexity(model, tokenizer, split_text("heldout", genres="a"), context=512, stride=256,
-                     max_tokens=config.eval_tokens)  # fmt: skip
-    out = {"perplexity": ppl.to_dict()}
-    if tasks:
-        out["generation"] = next(iter(generate_greedy(model, tokenizer, max_new_tokens=16).values()))
-        if config.tasks:
-            out["zero_shot"] = zero_shot(model, tokenizer, config.tasks, limit=config.task_limit)
+    with int4_kernel(False):  # the stored model's quality: exact dequantization (the kernel is for speed)
+        ppl = perplexity(model, tokenizer, split_text("heldout", genres="a"), context=512, stride=256,
+                         max_tokens=config.eval_tokens)  # fmt: skip
+        out = {"perplexity": ppl.to_dict()}
+        if tasks:
+            out["generation"] = next(iter(generate_greedy(model, tokenizer, max_new_tokens=16).values()))
+            if config.tasks:
+                out["zero_shot"] = zero_shot(model, tokenizer, config.tasks, limit=config.task_limit)
     return out
 
 

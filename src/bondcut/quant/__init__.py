@@ -2,6 +2,7 @@
 into a model (:mod:`.apply`)."""
 
 from .apply import QuantizeConfig, QuantizeReport, install_quant_layers, quant_layouts, quantize_model
+from .kernels import set_int4_kernel
 from .modules import QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
 from .packing import PackedTensor, dequantize, quantize
 
@@ -18,4 +19,5 @@ __all__ = [
     "quant_layouts",
     "quantize",
     "quantize_model",
+    "set_int4_kernel",
 ]
