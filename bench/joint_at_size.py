@@ -45,12 +45,13 @@ def main() -> None:
                             joint_rounding=args.rounding, defer_packing=True)  # fmt: skip
     report = bondcut.compress(model, config, tokenizer=tokenizer)
     build_s = time.time() - start
-    unhealed = copy.deepcopy(model)
+    unhealed = copy.deepcopy(model) if args.heal_tokens else model  # without healing: pack the model itself, once
     apply_pending_packing(unhealed, tokenizer)
     result = {"target_bytes": args.target_bytes, "rounding": args.rounding, "build_s": build_s,
               "perplexity_before_heal": heldout_perplexity(unhealed, tokenizer)}  # fmt: skip
     del unhealed
     print(json.dumps(result, indent=1), flush=True)
+    result["perplexity"] = result["perplexity_before_heal"]
     if args.heal_tokens:
         start = time.time()
         heal_config = HealConfig(tokens=args.heal_tokens, lr=args.heal_lr, train="mpo", eval_tokens=1024)
@@ -58,9 +59,6 @@ def main() -> None:
         result.update(heal_s=time.time() - start, heal=healed.to_dict())
         apply_pending_packing(model, tokenizer)
         result["perplexity"] = heldout_perplexity(model, tokenizer)
-    else:
-        apply_pending_packing(model, tokenizer)
-        result["perplexity"] = result["perplexity_before_heal"]
     bondcut.save(model, args.out, tokenizer=tokenizer, overwrite=True)
     result.update(disk_bytes=directory_weight_bytes(args.out), removed_blocks=report.joint["removed_blocks"],
                   embedding_bits=report.joint["embedding_bits"], joint=report.joint, plan=report.plan)  # fmt: skip

@@ -152,7 +152,8 @@ def test_deferred_packing_after_a_reload_equals_packing_at_once(trained_model, p
         assert torch.equal(reloaded(prompt_ids).logits, at_once(prompt_ids).logits)
     with pytest.raises(ValueError, match="no pending packing"):
         apply_pending_packing(reloaded)
-    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "pending"), "--pending", "--out", str(tmp_path / "cli")])
+    args = ["quantize", str(tmp_path / "pending"), "--pending", "--out", str(tmp_path / "cli")]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     packed_by_cli, _ = bondcut.load(tmp_path / "cli")
     with torch.no_grad():

@@ -47,7 +47,8 @@ def test_int4_kernel_matches_the_dequantized_weight_and_follows_new_codes(traine
     where the input needs a gradient the exact path runs, so healing around packed layers still trains."""
     model, _ = trained_model
     layers = model.model.layers
-    first, second = (QuantLinear(quantize(m.weight, 4, 64), m.bias) for m in (layers[2].mlp.up_proj, layers[7].mlp.up_proj))
+    first, second = (QuantLinear(quantize(m.weight, 4, 64), m.bias) for m in (layers[2].mlp.up_proj,
+                                                                               layers[7].mlp.up_proj))  # fmt: skip
     x = torch.randn(3, 5, first.in_features)
     for expected_weight in (first.weight_values(), second.weight_values()):
         exact = torch.nn.functional.linear(x, expected_weight)

@@ -577,7 +577,8 @@ def quantize_command(
     if pending:
         _pack_pending(net, tokenizer, calibration_tokens, model, source, out, overwrite)
         return
-    with console.status(f"packing to {bits} bits" + (" (gptq: calibration statistics first)" if method == "gptq" else "")):
+    gptq_note = " (gptq: calibration statistics first)" if method == "gptq" else ""
+    with console.status(f"packing to {bits} bits{gptq_note}"):
         report = quantize_model(net, config, tokenizer=tokenizer)
     with console.status(f"saving to {out}"):
         bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite)

@@ -221,7 +221,8 @@ def run_method(
     build_s = time.perf_counter() - start
     before = None
     heal_s = 0.0
-    trains = method != "joint" or any(isinstance(m, MPOLinear) for m in model.modules())  # packed cores do not
+    # joint: only MPO cores train (its dense matrices are packed after healing); a plan without them has none
+    trains = method != "joint" or any(isinstance(m, MPOLinear) for m in model.modules())
     if method in HEALED and config.heal_tokens and trains:
         stage(method, "quality before healing")
         unhealed = _packed_copy(model, tokenizer) if method == "joint" else model

@@ -92,7 +92,8 @@ def compare_markdown(report: dict) -> str:
         f"- Healing budget, the same for every method that trains: {heal}.",
         "- Disk: weight files; fp16 column = bytes / (original fp32 bytes / 2).",
         f"- Speed: ratios to the original in the same run (decode batch 1, KV cache; one training step "
-        f"{report['speed']['settings']['train_batch']}x256 tokens), {env['torch_threads']} threads; int4 layers multiply through PyTorch's CPU int4 kernel, int8 layers and "
+        f"{report['speed']['settings']['train_batch']}x256 tokens), {env['torch_threads']} threads; "
+        "int4 layers multiply through PyTorch's CPU int4 kernel, int8 layers and "
         "packed cores dequantize per call; quality is scored on the exact (dequantizing) path.",
         "- Zero-shot: " + (", ".join(config["tasks"]) + (f" (first {config['task_limit']} items)" if config["task_limit"]
                                                           else "") if config["tasks"] else "not run (--tasks)"),

@@ -139,17 +139,15 @@ def names_after_removal(model: nn.Module, names: Sequence[str], removed: Sequenc
 
     blocks, _ = _blocks(model)
     prefix = name_of(model, blocks) + "."
-    gone = set(removed)
-    new_index = {}
-    for old in range(len(blocks)):
-        new_index[old] = None if old in gone else old - sum(1 for g in gone if g < old)
+    kept = [i for i in range(len(blocks)) if i not in set(removed)]
+    new_index = {old: new for new, old in enumerate(kept)}  # the order remove_blocks keeps them in
     renamed = {}
     for name in names:
         if not name.startswith(prefix):
             renamed[name] = name
             continue
         index, _, rest = name[len(prefix) :].partition(".")
-        moved = new_index[int(index)]
+        moved = new_index.get(int(index))
         renamed[name] = None if moved is None else f"{prefix}{moved}" + (f".{rest}" if rest else "")
     return renamed
 

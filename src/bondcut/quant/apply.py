@@ -4,8 +4,9 @@
 the layouts, which ride in ``config.json`` next to the MPO layout. Dense Linear layers and the LM head round to
 nearest (``method="rtn"``) or activation-aware (``method="gptq"``, :mod:`bondcut.quant.gptq`, on the input
 statistics of calibration tokens; same packed format; a tied embedding is rounded for the head's inputs); MPO
-cores and an untied embedding round to nearest. :func:`install_quant_layers` rebuilds the empty packed modules from them before transformers loads the weights. A tied LM head stays tied: it reads the
-packed embedding, stored once.
+cores and an untied embedding round to nearest. :func:`install_quant_layers` rebuilds the empty packed modules
+from them before transformers loads the weights. A tied LM head stays tied: it reads the packed embedding,
+stored once.
 """
 
 from __future__ import annotations

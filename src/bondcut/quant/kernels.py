@@ -15,6 +15,7 @@ gradient must flow through the input (healing uses the exact path), nor off the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -43,6 +44,7 @@ def int4_kernel(enabled: bool) -> Iterator[None]:
         set_int4_kernel(previous)
 
 
+@functools.cache
 def int4_kernel_available() -> bool:
     """Whether this PyTorch build has the CPU int4 matmul and its weight conversion."""
     ops = torch.ops.aten
