@@ -1,7 +1,7 @@
 """Joint search at a byte budget: held-out perplexity packed before healing and, with --heal-tokens, after
 healing the float structure (MPO cores, blocks deleted) and packing it then; writes OUT_DIR.json.
 
-    python bench/joint_at_size.py BYTES OUT_DIR [--rounding gptq|rtn] [--heal-tokens N]
+    python bench/joint_at_size.py BYTES OUT_DIR [--rounding gptq|rtn] [--heal-tokens N] [--heal-train mpo|all]
 
 Issue 7 ran it at the int4 file size of SmolLM2-135M (75,858,056 bytes, before healing:
 bench/results/issue7/joint_at_int4_size.json) and at 10 % of the fp32 file (53,809,040 bytes, healed:
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--max-deleted-blocks", type=int, default=4)
     parser.add_argument("--heal-tokens", type=int, default=0, help="0: pack at once, no healing")
     parser.add_argument("--heal-lr", type=float, default=2e-4)
+    parser.add_argument("--heal-train", default="mpo", choices=("mpo", "all"),
+                        help="what healing trains: the MPO cores only, or every float parameter")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
     start = time.time()
@@ -48,13 +50,14 @@ def main() -> None:
     unhealed = copy.deepcopy(model) if args.heal_tokens else model  # without healing: pack the model itself, once
     apply_pending_packing(unhealed, tokenizer)
     result = {"target_bytes": args.target_bytes, "rounding": args.rounding, "build_s": build_s,
+              "heal_train": args.heal_train,
               "perplexity_before_heal": heldout_perplexity(unhealed, tokenizer)}  # fmt: skip
     del unhealed
     print(json.dumps(result, indent=1), flush=True)
     result["perplexity"] = result["perplexity_before_heal"]
     if args.heal_tokens:
         start = time.time()
-        heal_config = HealConfig(tokens=args.heal_tokens, lr=args.heal_lr, train="mpo", eval_tokens=1024)
+        heal_config = HealConfig(tokens=args.heal_tokens, lr=args.heal_lr, train=args.heal_train, eval_tokens=1024)
         healed = bondcut.heal(model, tokenizer, heal_config)
         result.update(heal_s=time.time() - start, heal=healed.to_dict())
         apply_pending_packing(model, tokenizer)

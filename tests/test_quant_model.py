@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 import bondcut
 from bondcut.cli import app
 from bondcut.quant import QuantEmbedding, QuantizeConfig, QuantLinear, QuantMPOLinear, TiedQuantHead, quantize_model
-from bondcut.quant.kernels import int4_kernel, int4_kernel_available
-from bondcut.quant.packing import dequantize, quantize
+from bondcut.quant.kernels import kernel_available, packed_kernels
+from bondcut.quant.packing import PER_ROW, dequantize, quantize, row_group
 from bondcut.sizes import directory_weight_bytes
 
 
@@ -37,18 +37,20 @@ def test_quant_linear_equals_a_dense_layer_with_the_dequantized_weight(trained_m
     packed = quantize(layer.weight, 4, 64)
     quant = QuantLinear(packed, None)
     x = torch.randn(3, 5, layer.in_features)
-    with int4_kernel(False):
+    with packed_kernels(False):
         assert torch.allclose(quant(x), torch.nn.functional.linear(x, dequantize(packed)), atol=1e-6)
 
 
-@pytest.mark.skipif(not int4_kernel_available(), reason="this PyTorch build has no CPU int4 matmul")
-def test_int4_kernel_matches_the_dequantized_weight_and_follows_new_codes(trained_model):
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, PER_ROW)])
+def test_cpu_kernel_matches_the_dequantized_weight_and_follows_new_codes(trained_model, bits, group_size):
     """The kernel path (bf16 activations) stays within 1 % of exact; loading other codes rebuilds its cache;
     where the input needs a gradient the exact path runs, so healing around packed layers still trains."""
+    if not kernel_available(bits):
+        pytest.skip(f"this PyTorch build has no CPU int{bits} matmul")
     model, _ = trained_model
     layers = model.model.layers
-    first, second = (QuantLinear(quantize(m.weight, 4, 64), m.bias) for m in (layers[2].mlp.up_proj,
-                                                                               layers[7].mlp.up_proj))  # fmt: skip
+    first, second = (QuantLinear(quantize(m.weight, bits, row_group(group_size, m.in_features)), m.bias)
+                     for m in (layers[2].mlp.up_proj, layers[7].mlp.up_proj))  # fmt: skip
     x = torch.randn(3, 5, first.in_features)
     for expected_weight in (first.weight_values(), second.weight_values()):
         exact = torch.nn.functional.linear(x, expected_weight)
@@ -83,7 +85,7 @@ def test_int4_model_keeps_the_head_tied_and_stays_close(int4_model, trained_mode
     with torch.no_grad():
         reference = original(prompt_ids).logits
         kl = _kl(reference, quantized(prompt_ids).logits)
-        with int4_kernel(False):
+        with packed_kernels(False):
             exact_kl = _kl(reference, quantized(prompt_ids).logits)
     assert 0 < kl < 0.5
     assert abs(kl - exact_kl) < 0.05 * exact_kl  # the CPU kernel (head and Linear layers) adds little
@@ -95,6 +97,27 @@ def test_int8_is_nearly_lossless_on_the_trained_model(fresh_trained_model, train
     with torch.no_grad():
         kl = _kl(trained_model[0](prompt_ids).logits, model(prompt_ids).logits)
     assert kl < 0.01
+
+
+def test_int8_per_row_is_smaller_and_nearly_lossless_through_the_kernel(trained_model, prompt_ids, tmp_path):
+    """group_size=0: one scale per row of every Linear weight and of the tied embedding/head; the model runs on
+    the int8 kernel (head included), stays close to the original, and reloads with the same logits."""
+    original, tokenizer = trained_model
+    model = copy.deepcopy(original)
+    report = quantize_model(model, QuantizeConfig(bits=8, group_size=PER_ROW))
+    assert {layout["group_size"] for layout in report.layouts.values() if "group_size" in layout} == {576, 1536}
+    assert sum(report.bytes_after.values()) < 0.26 * sum(report.bytes_before.values())  # 8 + 32/576 bits of 32
+    with torch.no_grad():
+        reference = original(prompt_ids).logits
+        logits = model(prompt_ids).logits
+        with packed_kernels(False):
+            exact = model(prompt_ids).logits
+    assert not torch.equal(logits, exact)  # the kernel ran
+    assert _kl(reference, exact) < 0.01 and _kl(reference, logits) < 0.01
+    bondcut.save(model, tmp_path / "int8", tokenizer=tokenizer)
+    reloaded = bondcut.load(tmp_path / "int8")[0]
+    with torch.no_grad(), packed_kernels(False):
+        assert torch.allclose(reloaded(prompt_ids).logits, exact, atol=1e-5)
 
 
 def test_saved_int4_model_is_small_and_reloads_with_the_same_logits(int4_model, prompt_ids, tmp_path):

@@ -546,7 +546,8 @@ def quantize_command(
     model: Annotated[str, typer.Argument(help="a bondcut directory (compressed or healed), HF directory or alias")],
     out: Annotated[Path, typer.Option(help="directory to write the quantized model to")],
     bits: Annotated[int, typer.Option(help="8 or 4 bits per weight (group-wise scales, stored packed)")] = 4,
-    group_size: Annotated[int, typer.Option(help="weights sharing one fp16 scale and offset")] = 64,
+    group_size: Annotated[int, typer.Option(help="weights sharing one fp16 scale and offset; 0: one per row "
+                                                 "(int8 then runs on PyTorch's int8 CPU kernel)")] = 64,
     cores: Annotated[bool, typer.Option(help="also pack the MPO cores (default: only what is not an MPO)")] = False,
     embeddings: Annotated[bool, typer.Option(help="pack the token embedding and the LM head")] = True,
     method: Annotated[

@@ -157,10 +157,10 @@ def _quality(model: nn.Module, tokenizer, config: CompareConfig, tasks: bool) ->
     from .corpus import split_text
     from .evaluate import generate_greedy
     from .perplexity import perplexity
-    from .quant.kernels import int4_kernel
+    from .quant.kernels import packed_kernels
     from .zeroshot import zero_shot
 
-    with int4_kernel(False):  # the stored model's quality: exact dequantization (the kernel is for speed)
+    with packed_kernels(False):  # the stored model's quality: exact dequantization (kernels are for speed)
         ppl = perplexity(model, tokenizer, split_text("heldout", genres="a"), context=512, stride=256,
                          max_tokens=config.eval_tokens)  # fmt: skip
         out = {"perplexity": ppl.to_dict()}

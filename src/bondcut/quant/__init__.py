@@ -2,7 +2,7 @@
 into a model (:mod:`.apply`)."""
 
 from .apply import QuantizeConfig, QuantizeReport, install_quant_layers, quant_layouts, quantize_model
-from .kernels import set_int4_kernel
+from .kernels import set_packed_kernels
 from .modules import QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
 from .packing import PackedTensor, dequantize, quantize
 
@@ -19,5 +19,5 @@ __all__ = [
     "quant_layouts",
     "quantize",
     "quantize_model",
-    "set_int4_kernel",
+    "set_packed_kernels",
 ]

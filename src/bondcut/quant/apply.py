@@ -19,14 +19,16 @@ from torch import nn
 from ..mpo_linear import MPOLinear
 from ..surgery import dense_weight, is_dense_layer, name_of, set_submodule
 from .modules import QUANT_LAYERS, QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
-from .packing import check_bits, group_dividing, quantize
+from .packing import DEFAULT_GROUP, PER_ROW, check_bits, group_dividing, quantize, row_group
 
 METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """What to quantize and how. ``cores`` also packs the MPO cores; embeddings and head are on by default."""
+    """What to quantize and how. ``cores`` also packs the MPO cores; embeddings and head are on by default.
+    ``group_size=0``: one scale and offset per row of each Linear weight, the embedding and head (cores keep
+    groups of 64); int8 that way runs through PyTorch's int8 CPU kernel."""
 
     bits: int = 4
     group_size: int = 64
@@ -67,10 +69,11 @@ def _packed_linear(module: nn.Module, config: QuantizeConfig, gram: torch.Tensor
     from .gptq import quantize_aware
 
     weight = dense_weight(module)
+    group = row_group(config.group_size, weight.shape[1])
     if gram is None:
-        packed = quantize(weight, config.bits, config.group_size)
+        packed = quantize(weight, config.bits, group)
     else:
-        packed = quantize_aware(weight, gram, config.bits, config.group_size, config.damping)
+        packed = quantize_aware(weight, gram, config.bits, group, config.damping)
     return QuantLinear(packed, module.bias, weight.dtype)
 
 
@@ -120,13 +123,14 @@ def quantize_model(
         if config.linear and is_dense_layer(module):
             swap("linear", name, module, _packed_linear(module, config, grams.pop(name, None)))
         elif (config.cores or only is not None) and isinstance(module, MPOLinear):
-            packed = [quantize(c, config.bits, config.group_size) for c in module.cores]
+            group = DEFAULT_GROUP if config.group_size == PER_ROW else config.group_size
+            packed = [quantize(c, config.bits, group) for c in module.cores]
             swap("mpo_cores", name, module, QuantMPOLinear(module.sites, module.bond_dims, packed, module.bias,
                                                            module.source_kind, module.cores[0].dtype))  # fmt: skip
 
     if config.embeddings and isinstance(embedding, nn.Embedding):
         weight = embedding.weight
-        group = group_dividing(weight.shape[1], config.group_size)
+        group = group_dividing(weight.shape[1], row_group(config.group_size, weight.shape[1]))
         if tied and head_name in grams:
             from .gptq import quantize_aware
 

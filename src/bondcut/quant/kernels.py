@@ -1,12 +1,18 @@
-"""Fast CPU inference for 4-bit packed weights: PyTorch's int4 matmul kernel instead of dequantizing.
+"""Fast CPU inference for packed weights: PyTorch's int4 and int8 matmul kernels instead of dequantizing.
 
 Dequantizing a packed weight on every call costs far more than the matmul at decode time (one token: a
-576 x 49,152 tied head took ~0.2 s that way). ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (the kernel
-torchao's int4 weight-only CPU path calls) multiplies by the 4-bit codes directly. Its format, per group of
-the input dimension: w = (q - 8) * scale + zero, so our w = offset + q * scale maps exactly with
-zero = offset + 8 * scale. It runs with bfloat16 activations (its float32 path is slow), which adds a relative
-output error of about 3e-3 — far below int4's own rounding error; :func:`set_int4_kernel` turns it off
-(exact float32 dequantization) for bit-exact comparisons.
+576 x 49,152 tied head took ~0.2 s that way). Two ATen CPU kernels multiply by the codes directly:
+
+- int4, any of the group sizes in :data:`INT4_GROUPS`: ``aten._weight_int4pack_mm_for_cpu`` (the kernel torchao's
+  int4 weight-only CPU path calls). Its format, per group of the input dimension: w = (q - 8) * scale + zero, so
+  our w = offset + q * scale maps exactly with zero = offset + 8 * scale.
+- int8 with one group per row (``group_size == in_features``; ``--group-size 0`` asks for that):
+  ``aten._weight_int8pack_mm`` takes signed codes and one scale per output row, no offset. With
+  q' = q - 128 and zero = offset + 128 * scale, y = (x @ q'^T) * scale + sum(x) * zero, exactly.
+
+Both run with bfloat16 activations (their float32 paths are slow), which adds a relative output error of about
+3e-3 — below the rounding error of the weights themselves; :func:`set_packed_kernels` turns them off (exact
+float32 dequantization) for bit-exact comparisons.
 
 The kernel's weight layout is built from the stored codes on first use (bytes: about the packed size again)
 and rebuilt when the codes change (a ``load_state_dict`` writes them in place). It never runs where a
@@ -24,64 +30,90 @@ from torch import nn
 
 from .packing import unpack_codes
 
-KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes the kernel takes
-_ENABLED = {"int4": True}
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes
+_ENABLED = {"packed": True}
 
 
-def set_int4_kernel(enabled: bool) -> None:
-    """Use (True, the default) or bypass (False: exact float32 dequantization) the int4 CPU kernel."""
-    _ENABLED["int4"] = bool(enabled)
+def set_packed_kernels(enabled: bool) -> None:
+    """Use (True, the default) or bypass (False: exact float32 dequantization) the int4/int8 CPU kernels."""
+    _ENABLED["packed"] = bool(enabled)
 
 
 @contextmanager
-def int4_kernel(enabled: bool) -> Iterator[None]:
-    """Within the block, use (or bypass) the int4 CPU kernel; the previous setting comes back afterwards."""
-    previous = _ENABLED["int4"]
-    set_int4_kernel(enabled)
+def packed_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, use (or bypass) the CPU kernels; the previous setting comes back afterwards."""
+    previous = _ENABLED["packed"]
+    set_packed_kernels(enabled)
     try:
         yield
     finally:
-        set_int4_kernel(previous)
+        set_packed_kernels(previous)
 
 
 @functools.cache
-def int4_kernel_available() -> bool:
-    """Whether this PyTorch build has the CPU int4 matmul and its weight conversion."""
+def kernel_available(bits: int) -> bool:
+    """Whether this PyTorch build has the CPU matmul for ``bits``-bit codes (and, for int4, its conversion)."""
     ops = torch.ops.aten
-    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+    if bits == 4:
+        return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+    return bits == 8 and hasattr(ops, "_weight_int8pack_mm")
 
 
-def int4_kernel_applies(bits: int, group_size: int, in_features: int, x: torch.Tensor) -> bool:
-    """Whether a forward with input ``x`` through a packed weight of this kind may take the kernel."""
+def kernel_fits(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether a packed (out x in_features) weight of this kind has a CPU kernel (whatever the input)."""
+    if bits == 4:
+        return group_size in INT4_GROUPS and in_features % group_size == 0 and kernel_available(4)
+    return bits == 8 and group_size == in_features and kernel_available(8)
+
+
+def kernel_applies(bits: int, group_size: int, in_features: int, x: torch.Tensor) -> bool:
+    """Whether a forward with input ``x`` through a packed weight of this kind may take a kernel."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    fits = bits == 4 and group_size in KERNEL_GROUPS and in_features % group_size == 0
-    return _ENABLED["int4"] and fits and not needs_grad and x.device.type == "cpu" and int4_kernel_available()
+    return (
+        _ENABLED["packed"] and not needs_grad and x.device.type == "cpu" and kernel_fits(bits, group_size, in_features)
+    )
 
 
-def int4_kernel_weight(
-    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, shape: tuple[int, int], group_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our packed (codes, scale, offset) of an (out x in) weight -> the kernel's (weight, scales_and_zeros)."""
+def _codes_matrix(module: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
     out_features, in_features = shape
-    codes = unpack_codes(codes, 4)[: out_features * in_features].view(out_features, in_features)
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8)
-    scale = scale.float().view(out_features, in_features // group_size)
-    zero = offset.float().view(out_features, in_features // group_size) + 8 * scale
-    return weight, torch.stack((scale.t(), zero.t()), dim=-1).contiguous().to(torch.bfloat16)
+    return unpack_codes(module.codes, module.bits)[: out_features * in_features].view(out_features, in_features)
 
 
-def cached_int4_weight(module: nn.Module, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``module``'s packed weight (buffers codes/scale/offset) in the kernel's layout, built once per codes."""
+def kernel_weight(module: nn.Module, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module``'s packed (codes, scale, offset) of an (out x in) weight -> the kernel's two operands: int4
+    (weight, scales_and_zeros) or int8 (signed codes, bf16 rows [scale, zero])."""
+    out_features, in_features = shape
+    codes = _codes_matrix(module, shape)
+    groups = in_features // module.group_size
+    scale = module.scale.float().view(out_features, groups)
+    middle = 8 if module.bits == 4 else 128
+    zero = module.offset.float().view(out_features, groups) + middle * scale
+    if module.bits == 4:
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8)
+        return weight, torch.stack((scale.t(), zero.t()), dim=-1).contiguous().to(torch.bfloat16)
+    signed = (codes.to(torch.int16) - 128).to(torch.int8)
+    return signed, torch.stack((scale.view(-1), zero.view(-1))).to(torch.bfloat16)  # (2, out): rows contiguous
+
+
+def cached_kernel_weight(module: nn.Module, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kernel_weight` of ``module`` (buffers codes/scale/offset), built once per version of the codes."""
     key = (module.codes.data_ptr(), module.codes._version, module.scale._version, module.offset._version)
-    cached = module.__dict__.get("_int4_kernel_cache")
+    cached = module.__dict__.get("_packed_kernel_cache")
     if cached is None or cached[0] != key:
-        cached = (key, *int4_kernel_weight(module.codes, module.scale, module.offset, shape, module.group_size))
-        module.__dict__["_int4_kernel_cache"] = cached
+        cached = (key, *kernel_weight(module, shape))
+        module.__dict__["_packed_kernel_cache"] = cached
     return cached[1], cached[2]
 
 
-def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x @ W^T through the kernel (bfloat16 activations), returned in x's dtype and leading shape."""
+def kernel_linear(x: torch.Tensor, module: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
+    """x @ W^T through the kernel for ``module``'s packed weight (bfloat16 activations), returned in x's dtype
+    and leading shape. Call only where :func:`kernel_applies` said yes."""
+    weight, extra = cached_kernel_weight(module, shape)
     flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, group_size, scales_zeros)
+    if module.bits == 4:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, module.group_size, extra)
+    else:
+        out = torch.ops.aten._weight_int8pack_mm(flat, weight, extra[0])  # the kernel reads scales contiguously
+        row_sums = x.reshape(-1, x.shape[-1]).float().sum(dim=-1, keepdim=True)
+        out = out.float() + row_sums * extra[1].float()
     return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])

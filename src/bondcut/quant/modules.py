@@ -2,8 +2,9 @@
 
 Each packed tensor is three buffers (``codes``, ``scale``, ``offset``), so ``state_dict``/safetensors hold the
 packed bytes and the file shrinks. Forward dequantizes the weight for that call only (nothing float is kept),
-so memory is the packed size too; the price is one dequantization per call. On CPU, 4-bit Linear layers and
-the tied head multiply by the codes directly instead (:mod:`bondcut.quant.kernels`). ``layout()`` is the JSON that
+so memory is the packed size too; the price is one dequantization per call. On CPU, int4 Linear layers and
+the tied head (and int8 ones with one group per row) multiply by the codes directly instead
+(:mod:`bondcut.quant.kernels`). ``layout()`` is the JSON that
 rebuilds the empty layer before weights load (see :mod:`bondcut.quant.apply`).
 """
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..mpo import Sites, contract, cores_to_dense, plan_contraction
-from .kernels import cached_int4_weight, int4_kernel_applies, int4_linear
+from .kernels import kernel_applies, kernel_linear
 from .packing import PackedTensor, dequantize, dequantize_groups, storage_shapes
 
 
@@ -69,8 +70,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if int4_kernel_applies(self.bits, self.group_size, self.in_features, x):
-            out = int4_linear(x, *cached_int4_weight(self, (self.out_features, self.in_features)), self.group_size)
+        if kernel_applies(self.bits, self.group_size, self.in_features, x):
+            out = kernel_linear(x, self, (self.out_features, self.in_features))
             return out if bias is None else out + bias
         return F.linear(x, self.weight_values().to(x.dtype), bias)
 
@@ -141,8 +142,8 @@ class TiedQuantHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         table = self._embedding[0]
         shape = (table.num_embeddings, table.embedding_dim)
-        if int4_kernel_applies(table.bits, table.group_size, table.embedding_dim, x):
-            return int4_linear(x, *cached_int4_weight(table, shape), table.group_size)
+        if kernel_applies(table.bits, table.group_size, table.embedding_dim, x):
+            return kernel_linear(x, table, shape)
         return F.linear(x, table.weight_values().to(x.dtype))
 
     def layout(self) -> dict:

@@ -7,7 +7,8 @@ llama.cpp Q4_1 / Q8_1 recipe). 4-bit codes are packed two per byte, so a weight 
 ``bits + 32 / group_size`` bits: 4.5 (int4) or 8.5 (int8) at the default group of 64.
 
 When a tensor's last dimension is a multiple of ``group_size``, groups never straddle rows, so single
-rows can be dequantized alone (embedding lookups do that).
+rows can be dequantized alone (embedding lookups do that). ``group_size=0`` (:data:`PER_ROW`) asks for one group
+per row of a weight matrix (:func:`row_group`): int8 that way runs through PyTorch's int8 CPU kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 BITS = (8, 4)
+PER_ROW = 0  # group_size meaning "one group per row of the matrix"
+DEFAULT_GROUP = 64  # what tensors without rows of their own (MPO cores) use when PER_ROW is asked
 
 
 @dataclass
@@ -40,8 +43,16 @@ def check_bits(bits: int, group_size: int) -> None:
     """Raise a clear error for an unsupported bit width or group size."""
     if bits not in BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}; example: bondcut quantize DIR --bits 4")
-    if group_size < 2 or group_size % 2:
-        raise ValueError(f"group_size must be an even number >= 2, got {group_size!r}; example: --group-size 64")
+    if group_size != PER_ROW and (group_size < 2 or group_size % 2):
+        raise ValueError(
+            f"group_size must be an even number >= 2, or 0 for one group per row, got {group_size!r}; "
+            "example: --group-size 64"
+        )
+
+
+def row_group(group_size: int, row_length: int) -> int:
+    """The group size for a matrix with rows of ``row_length``: the row itself under :data:`PER_ROW`."""
+    return row_length if group_size == PER_ROW else group_size
 
 
 def group_dividing(length: int, group_size: int) -> int:
