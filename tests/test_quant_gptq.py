@@ -13,7 +13,10 @@ from hypothesis import given, settings
 import bondcut
 from bondcut.calibration import input_covariances
 from bondcut.quant import QuantizeConfig, QuantLinear, quantize_model
-from bondcut.quant.gptq import quantize_aware
+from bondcut.mpo.whiten import decompose_whitened
+from bondcut.mpo_linear import MPOLinear
+from bondcut.quant import QuantMPOLinear
+from bondcut.quant.gptq import quantize_aware, quantize_low_rank_aware
 from bondcut.quant.packing import dequantize, quantize
 
 BLOCK_3 = ["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj", "model.layers.3.mlp.up_proj"]
@@ -51,6 +54,64 @@ def test_output_error_on_real_inputs_is_lower_than_round_to_nearest(trained_mode
         aware = _output_error(weight, dequantize(quantize_aware(weight, gram, bits)), gram)
         plain = _output_error(weight, dequantize(quantize(weight, bits)), gram)
         assert aware < 0.8 * plain, (name, aware, plain)  # in sample; out of sample the gain is smaller
+
+
+@pytest.mark.parametrize("name, rank", [(BLOCK_3[0], 128), (BLOCK_3[2], 100)])
+def test_low_rank_pair_rounds_to_a_lower_output_error_than_rounding_each_core(trained_model, block_3_grams, name, rank):
+    """Both factors GPTQ-rounded (rank 128: rows of A are whole groups) or B GPTQ-rounded and A refit then rounded
+    to nearest (rank 100): the layer's output error on real inputs is below rounding each core to nearest."""
+    model, _ = trained_model
+    weight, gram = model.get_submodule(name).weight.detach(), block_3_grams[name]
+    m, n = weight.shape
+    mpo = decompose_whitened(weight, gram / 2048, sites=[(m, 1), (1, n)], chi=rank)
+    float_pair = (mpo.cores[0].reshape(m, rank) @ mpo.cores[1].reshape(rank, n)).double()
+    aware = quantize_low_rank_aware(mpo.cores, gram, 4, 64)
+    assert [p.shape for p in aware] == [tuple(c.shape) for c in mpo.cores]
+    plain = [quantize(c, 4, 64) for c in mpo.cores]
+
+    def product(packed):
+        return dequantize(packed[0]).reshape(m, rank).double() @ dequantize(packed[1]).reshape(rank, n).double()
+
+    aware_error = _output_error(float_pair, product(aware), gram)
+    plain_error = _output_error(float_pair, product(plain), gram)
+    assert aware_error < 0.85 * plain_error, (aware_error, plain_error)  # seen: 0.61-0.80 on real layers
+
+
+def _layer_output(model: torch.nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, args, out: seen.append(out.detach()))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return seen[0]
+
+
+def test_gptq_packs_low_rank_mpo_layers_of_a_model_and_reloads(trained_model, prompt_ids, tmp_path):
+    """In a model: the packed low-rank layer's output on held-out text is closer to the float pair's than with
+    each core rounded to nearest (seen: 10.3 % vs 10.9 % relative); same layout; reloads exactly."""
+    from bondcut.corpus import split_text
+
+    model, tokenizer = trained_model
+    compressed = copy.deepcopy(model)
+    name = BLOCK_3[2]
+    layer = compressed.get_submodule(name)
+    gram = input_covariances(model, tokenizer, [name], tokens=1024)[0][name]
+    m, n = layer.weight.shape
+    mpo = decompose_whitened(layer.weight, gram / 1024, sites=[(m, 1), (1, n)], chi=96)
+    compressed.model.layers[3].mlp.up_proj = MPOLinear.from_mpo(mpo)
+    aware, plain = copy.deepcopy(compressed), copy.deepcopy(compressed)
+    config = dict(bits=4, embeddings=False, only=(name,))
+    quantize_model(aware, QuantizeConfig(**config, method="gptq", calibration_tokens=2048), tokenizer=tokenizer)
+    quantize_model(plain, QuantizeConfig(**config))
+    packed = aware.get_submodule(name)
+    assert isinstance(packed, QuantMPOLinear) and packed.layout() == plain.get_submodule(name).layout()
+    ids = tokenizer(split_text("heldout", genres="a")[:20000], return_tensors="pt").input_ids[:, :1024]
+    reference = _layer_output(compressed, name, ids)
+    errors = [float((_layer_output(m, name, ids) - reference).norm() / reference.norm()) for m in (aware, plain)]
+    assert errors[0] < errors[1], errors
+    path = bondcut.save(aware, tmp_path / "lowrank", tokenizer=tokenizer)
+    with torch.no_grad():
+        assert torch.equal(bondcut.load(path)[0](prompt_ids).logits, aware(prompt_ids).logits)
 
 
 def test_gptq_model_packs_the_same_format_and_reloads(trained_model, prompt_ids, tmp_path):

@@ -3,8 +3,9 @@
 :func:`quantize_model` swaps modules for their packed counterparts (:mod:`bondcut.quant.modules`) and returns
 the layouts, which ride in ``config.json`` next to the MPO layout. Dense Linear layers and the LM head round to
 nearest (``method="rtn"``) or activation-aware (``method="gptq"``, :mod:`bondcut.quant.gptq`, on the input
-statistics of calibration tokens; same packed format; a tied embedding is rounded for the head's inputs); MPO
-cores and an untied embedding round to nearest. :func:`install_quant_layers` rebuilds the empty packed modules
+statistics of calibration tokens; same packed format; a tied embedding is rounded for the head's inputs, and
+low-rank MPO pairs (sites (m x 1)(1 x n)) are rounded factor by factor, :func:`.gptq.quantize_low_rank_aware`);
+other MPO cores and an untied embedding round to nearest. :func:`install_quant_layers` rebuilds the empty packed modules
 from them before transformers loads the weights. A tied LM head stays tied: it reads the packed embedding,
 stored once.
 """
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..mpo_linear import MPOLinear
 from ..surgery import dense_weight, is_dense_layer, name_of, set_submodule
+from .gptq import is_low_rank_pair, quantize_aware, quantize_low_rank_aware
 from .modules import QUANT_LAYERS, QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
 from .packing import DEFAULT_GROUP, PER_ROW, check_bits, group_dividing, quantize, row_group
 
@@ -66,8 +68,6 @@ def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
 
 
 def _packed_linear(module: nn.Module, config: QuantizeConfig, gram: torch.Tensor | None = None) -> QuantLinear:
-    from .gptq import quantize_aware
-
     weight = dense_weight(module)
     group = row_group(config.group_size, weight.shape[1])
     if gram is None:
@@ -90,6 +90,8 @@ def gram_matrices(model: nn.Module, tokenizer, config: QuantizeConfig) -> dict[s
     only = None if config.only is None else set(config.only)
     names = [n for n, m in model.named_modules()
              if config.linear and is_dense_layer(m) and n != head_name and (only is None or n in only)]  # fmt: skip
+    names += [n for n, m in model.named_modules()
+              if _low_rank(m) and (n in only if only is not None else config.cores)]  # fmt: skip
     if config.embeddings and head_name and is_dense_layer(model.get_submodule(head_name)):
         names.append(head_name)
     return input_covariances(model, tokenizer, names, tokens=config.calibration_tokens)[0] if names else {}
@@ -124,7 +126,11 @@ def quantize_model(
             swap("linear", name, module, _packed_linear(module, config, grams.pop(name, None)))
         elif (config.cores or only is not None) and isinstance(module, MPOLinear):
             group = DEFAULT_GROUP if config.group_size == PER_ROW else config.group_size
-            packed = [quantize(c, config.bits, group) for c in module.cores]
+            gram = grams.pop(name, None)
+            if gram is not None and _low_rank(module):
+                packed = quantize_low_rank_aware(list(module.cores), gram, config.bits, group, config.damping)
+            else:
+                packed = [quantize(c, config.bits, group) for c in module.cores]
             swap("mpo_cores", name, module, QuantMPOLinear(module.sites, module.bond_dims, packed, module.bias,
                                                            module.source_kind, module.cores[0].dtype))  # fmt: skip
 
@@ -132,8 +138,6 @@ def quantize_model(
         weight = embedding.weight
         group = group_dividing(weight.shape[1], row_group(config.group_size, weight.shape[1]))
         if tied and head_name in grams:
-            from .gptq import quantize_aware
-
             packed = quantize_aware(weight, grams.pop(head_name), config.bits, group, config.damping)
         else:
             packed = quantize(weight, config.bits, group)
@@ -148,6 +152,11 @@ def quantize_model(
     if head is not None and not tied and config.embeddings and is_dense_layer(head):
         swap("lm_head", head_name, head, _packed_linear(head, config, grams.pop(head_name, None)))
     return report
+
+
+def _low_rank(module: nn.Module) -> bool:
+    """An MPO layer that is a plain low-rank pair (its cores can be rounded activation-aware)."""
+    return isinstance(module, MPOLinear) and is_low_rank_pair(module.sites, [c.shape for c in module.cores])
 
 
 def _buffers(module: nn.Module) -> list[torch.Tensor]:

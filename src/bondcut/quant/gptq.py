@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import PackedTensor, check_bits, codes_for, fit_ranges, group_dividing, pack, quantize
+from .packing import PackedTensor, check_bits, codes_for, dequantize, fit_ranges, group_dividing, pack, quantize
 
 
 def quantize_aware(
@@ -59,3 +59,42 @@ def quantize_aware(
     scale = torch.stack(scales, dim=1).reshape(-1)  # (out, groups) row-major: the packed layout's group order
     offset = torch.stack(offsets, dim=1).reshape(-1)
     return pack(codes, scale, offset, weight.shape, bits, group)
+
+
+def is_low_rank_pair(sites, core_shapes) -> bool:
+    """Whether MPO cores are a plain low-rank pair: sites (m x 1)(1 x n), W = A B with A (m x r), B (r x n)."""
+    return len(sites) == 2 and sites[0][1] == 1 and sites[1][0] == 1 and len(core_shapes) == 2
+
+
+def quantize_low_rank_aware(
+    cores: list[torch.Tensor], gram: torch.Tensor, bits: int, group_size: int = 64, damping: float = 0.1
+) -> list[PackedTensor]:
+    """Pack a low-rank pair of MPO cores (1, m, 1, r), (r, 1, n, 1) so the layer's output on inputs with Gram
+    matrix ``gram`` (n x n) changes least: GPTQ on B (its inputs are the layer's), then A refit by least squares
+    to what the float pair gave on those inputs through the rounded B (A absorbs B's rounding error), then GPTQ
+    on A with its own inputs' Gram matrix B_q H B_q^T.
+
+    Groups stay runs of ``group_size`` consecutive entries of each flattened core (the packed format); a core
+    whose rows are not a multiple of ``group_size`` is rounded to nearest (GPTQ's groups would straddle rows).
+    """
+    check_bits(bits, group_size)
+    first, second = cores
+    _, m, _, r = first.shape
+    n = second.shape[2]
+    a = first.detach().reshape(m, r).double()
+    b = second.detach().reshape(r, n).double()
+    h = gram.detach().double()
+
+    def aware(weight: torch.Tensor, g: torch.Tensor, shape) -> PackedTensor:
+        rows = weight.shape[1]
+        packed = (quantize_aware(weight.float(), g, bits, group_size, damping) if rows % group_size == 0
+                  else quantize(weight.float(), bits, group_size))  # fmt: skip
+        return PackedTensor(packed.codes, packed.scale, packed.offset, tuple(shape), bits, packed.group_size)
+
+    packed_b = aware(b, h, second.shape)
+    b_q = dequantize(packed_b).reshape(r, n).double()
+    h_a = b_q @ h @ b_q.T  # (r, r): Gram matrix of A's inputs B_q x
+    ridge = 1e-6 * torch.diagonal(h_a).mean().clamp_min(1e-12) * torch.eye(r, dtype=h_a.dtype)
+    refit = torch.linalg.solve(h_a + ridge, (a @ b @ h @ b_q.T).T).T  # argmin_A E||A B x - A' B_q x||^2
+    packed_a = aware(refit, h_a, first.shape)
+    return [packed_a, packed_b]
