@@ -12,10 +12,9 @@ from hypothesis import given, settings
 
 import bondcut
 from bondcut.calibration import input_covariances
-from bondcut.quant import QuantizeConfig, QuantLinear, quantize_model
 from bondcut.mpo.whiten import decompose_whitened
 from bondcut.mpo_linear import MPOLinear
-from bondcut.quant import QuantMPOLinear
+from bondcut.quant import QuantizeConfig, QuantLinear, QuantMPOLinear, quantize_model
 from bondcut.quant.gptq import quantize_aware, quantize_low_rank_aware
 from bondcut.quant.packing import dequantize, quantize
 
