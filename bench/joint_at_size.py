@@ -1,5 +1,6 @@
 """Joint search at a byte budget: held-out perplexity packed before healing and, with --heal-tokens, after
-healing the float structure (MPO cores, blocks deleted) and packing it then; writes OUT_DIR.json.
+healing the float structure (MPO cores, blocks deleted; its perplexity too) and packing it then; writes
+OUT_DIR.json.
 
     python bench/joint_at_size.py BYTES OUT_DIR [--rounding gptq|rtn] [--heal-tokens N] [--heal-train mpo|all]
 
@@ -60,6 +61,7 @@ def main() -> None:
         heal_config = HealConfig(tokens=args.heal_tokens, lr=args.heal_lr, train=args.heal_train, eval_tokens=1024)
         healed = bondcut.heal(model, tokenizer, heal_config)
         result.update(heal_s=time.time() - start, heal=healed.to_dict())
+        result["perplexity_healed_float"] = heldout_perplexity(model, tokenizer)  # what packing then costs
         apply_pending_packing(model, tokenizer)
         result["perplexity"] = heldout_perplexity(model, tokenizer)
     bondcut.save(model, args.out, tokenizer=tokenizer, overwrite=True)

@@ -15,13 +15,12 @@ import bondcut
 from bondcut.allocate import LayerChoice, Plan
 from bondcut.candidates import Option, build_candidates
 from bondcut.cli import app
-from bondcut.hf_integration import attach_layout_config
+from bondcut.hf_integration import attach_layout_config, pending_packing
 from bondcut.joint import (
     JointPlan,
     apply_pending_packing,
     apply_storage,
     parse_bytes,
-    pending_packing,
     priced_options,
     solve_joint,
 )

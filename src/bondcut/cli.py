@@ -606,7 +606,8 @@ def _pack_pending(net, tokenizer, calibration_tokens: int, name: str, source, ou
     """quantize --pending: pack what the deferred joint plan names, save, and say what it became."""
     import bondcut
 
-    from .joint import apply_pending_packing, pending_packing
+    from .hf_integration import pending_packing
+    from .joint import apply_pending_packing
 
     packing = pending_packing(net)
     if packing is None:

@@ -110,9 +110,17 @@ def attach_layout_config(model: nn.Module, **extra: Any) -> None:
     model.config.quantization_config = BondcutMPOConfig(layers=mpo_layouts(model), format_version=version, **merged)
 
 
+def pending_packing(model: nn.Module) -> dict | None:
+    """The packing a deferred joint compression left in the model's config (None when there is none; written
+    by ``compress(..., CompressConfig(target_bytes=..., defer_packing=True))``, applied by
+    :func:`bondcut.joint.apply_pending_packing`)."""
+    quant = getattr(model.config, "quantization_config", None)
+    extra = getattr(quant, "extra", None) or {}
+    return extra.get("pending_packing")
+
+
 def has_bondcut_layers(model: nn.Module) -> bool:
     """Whether ``model`` holds MPO or packed layers (or a pending packing) that config.json must describe."""
-    from .joint import pending_packing
     from .quant import quant_layouts
 
     mpo = any(isinstance(m, MPOLinear) for m in model.modules())

@@ -289,17 +289,10 @@ def apply_packing(model: nn.Module, packing: dict, tokenizer=None, calibration_t
         quantize_model(model, QuantizeConfig(**settings, bits=packing["embedding_bits"], linear=False), grams=grams)
 
 
-def pending_packing(model: nn.Module) -> dict | None:
-    """The packing a deferred joint compression left in the model's config (None when there is none)."""
-    quant = getattr(model.config, "quantization_config", None)
-    extra = getattr(quant, "extra", None) or {}
-    return extra.get("pending_packing")
-
-
 def apply_pending_packing(model: nn.Module, tokenizer=None, calibration_tokens: int = 16384) -> dict:
     """Pack what ``compress(..., CompressConfig(target_bytes=..., defer_packing=True))`` left pending (after
     healing, typically), in place, and clear it from the config. Returns the packing applied."""
-    from .hf_integration import attach_layout_config
+    from .hf_integration import attach_layout_config, pending_packing
 
     packing = pending_packing(model)
     if packing is None:
