@@ -132,3 +132,34 @@ def test_two_processes_under_torchrun_give_the_one_process_curve(compressed_dir,
 def test_bad_heal_input_is_a_clear_error(compressed_dir, tmp_path, args, message):
     result = runner.invoke(app, ["heal", str(compressed_dir), "--out", str(tmp_path / "x"), *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_healing_a_packed_model_trains_only_its_group_scales_and_offsets(trained_model, tmp_path, prompt_ids):
+    """train='scales': the int4 model's codes stay, its fp16 scales/offsets move (float32 while training, fp16
+    buffers again after), held-out perplexity falls, and the healed model saves and reloads as it is."""
+    import copy
+
+    from bondcut.quant import QuantizeConfig, quantize_model
+
+    model, tokenizer = trained_model
+    packed = copy.deepcopy(model)
+    quantize_model(packed, QuantizeConfig(bits=4))
+    buffers = {n: b.clone() for n, b in packed.named_buffers()}
+    result = heal(packed, tokenizer, HealConfig(**{**SMALL, "lr": 5e-5}, train="scales"))
+    assert result.evals[-1]["perplexity"] < result.evals[0]["perplexity"]
+    ranges = {n: b for n, b in buffers.items() if n.endswith(("scale", "offset"))}
+    assert result.trainable_params == sum(b.numel() for b in ranges.values())
+    after = dict(packed.named_buffers())
+    assert set(after) == set(buffers) and not any(p.requires_grad for p in packed.parameters())
+    assert all(torch.equal(after[n], b) for n, b in buffers.items() if n.endswith("codes"))
+    assert all(after[n].dtype == torch.float16 for n in ranges)
+    assert sum(not torch.equal(after[n], b) for n, b in ranges.items()) > len(ranges) // 2
+    path = bondcut.save(packed, tmp_path / "int4-healed", tokenizer=tokenizer)
+    with torch.no_grad():
+        assert torch.equal(bondcut.load(path)[0](prompt_ids).logits, packed(prompt_ids).logits)
+
+
+def test_scales_training_needs_a_packed_model(compressed_dir):
+    model, tokenizer = bondcut.load(compressed_dir)
+    with pytest.raises(ValueError, match="needs a packed model"):
+        heal(model, tokenizer, HealConfig(**SMALL, train="scales"))

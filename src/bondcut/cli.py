@@ -468,7 +468,8 @@ def heal_command(
     batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all processes together)")] = 8,
     micro_batch: Annotated[int, typer.Option(help="sequences per forward/backward on one process")] = 4,
     lr: Annotated[float, typer.Option(help="peak learning rate (warm-up, then cosine)")] = 1e-4,
-    train: Annotated[str, typer.Option(help="'mpo' (cores only) or 'all' parameters")] = "mpo",
+    train: Annotated[str, typer.Option(help="'mpo' (cores only), 'all' parameters, or 'scales' (a packed model's "
+                                           "group scales and offsets; codes stay)")] = "mpo",
     eval_every: Annotated[int, typer.Option(help="steps between held-out perplexity checks (0 = start and end)")] = 0,
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens per check")] = 4096,
     checkpoint_every: Annotated[int, typer.Option(help="steps between atomic checkpoints (0 = none)")] = 50,

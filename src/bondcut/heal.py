@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 
 
+TRAIN_CHOICES = ("mpo", "all", "scales")
+
+
 @dataclass
 class HealConfig:
     """How to heal.
@@ -46,7 +49,8 @@ class HealConfig:
         micro_batch: sequences per forward/backward on one process (accumulation = batch / (micro x processes)).
         lr: peak learning rate; warmup: fraction of steps warming up linearly; min_lr_ratio: cosine floor.
         weight_decay, max_grad_norm: AdamW weight decay and gradient-norm clip.
-        train: "mpo" (MPO cores and their biases only) or "all" parameters.
+        train: "mpo" (MPO cores and their biases only), "all" parameters, or "scales": a packed model's per-group
+            scales and offsets only (codes fixed; healing after packing; stored back as fp16 when done).
         distill: weight of the distillation term (0 = next-token loss only, 1 = distillation only); needs a teacher.
         temperature: softening of both distributions in the distillation term.
         teacher_top_k: 0 runs the teacher beside the student on every batch; k > 0 caches its k largest logits per
@@ -80,8 +84,9 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.train not in ("mpo", "all"):
-            raise ValueError(f"train must be 'mpo' (cores only) or 'all', got {self.train!r}")
+        if self.train not in TRAIN_CHOICES:
+            raise ValueError(f"train must be 'mpo' (cores only), 'all' or 'scales' (a packed model's group scales "
+                             f"and offsets), got {self.train!r}")  # fmt: skip
         if self.teacher_top_k < 0:
             raise ValueError(f"teacher_top_k must be >= 0 (0 = run the teacher alongside), got {self.teacher_top_k}")
         if not 0 <= self.distill <= 1 or self.temperature <= 0:
@@ -114,12 +119,23 @@ class HealResult:
 
 
 def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
-    """Mark and return what trains: "all" parameters, or "mpo" (only the MPO layers' cores and biases), or
-    "auto" ("mpo" for a model with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
+    """Mark and return what trains: "all" parameters, "mpo" (only the MPO layers' cores and biases), "scales"
+    (packed layers' group scales and offsets, made float32 parameters for the purpose), or "auto" ("mpo" for a model with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
     if train == "auto":
         train = "mpo" if any(isinstance(m, MPOLinear) for m in model.modules()) else "all"
     if train == "all":
         model.requires_grad_(True)
+    elif train == "scales":
+        from .quant.modules import PACKED_LAYERS, ranges_to_parameters
+
+        model.requires_grad_(False)
+        for module in model.modules():
+            if isinstance(module, PACKED_LAYERS):
+                ranges_to_parameters(module)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("train='scales' needs a packed model: bondcut quantize it first (or heal with 'mpo')")
+        return params
     else:
         model.requires_grad_(False)
         for module in model.modules():
@@ -129,6 +145,15 @@ def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
     if not params:
         raise ValueError("the model has no MPO layers to train; compress it first, or heal with train='all'")
     return params
+
+
+def store_trained_ranges(model: nn.Module) -> None:
+    """After healing with train='scales': the trained scales and offsets become fp16 buffers again."""
+    from .quant.modules import PACKED_LAYERS, ranges_to_buffers
+
+    for module in model.modules():
+        if isinstance(module, PACKED_LAYERS):
+            ranges_to_buffers(module)
 
 
 def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
@@ -244,6 +269,7 @@ def heal(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.requires_grad_(False)
+    store_trained_ranges(model)
     model.eval()
     return result
 

@@ -27,6 +27,39 @@ def _register_packed(module: nn.Module, prefix: str, packed: PackedTensor) -> No
     module.register_buffer(f"{prefix}offset", packed.offset)
 
 
+RANGE_SUFFIXES = ("scale", "offset")
+
+
+def ranges_to_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Make this packed layer's per-group scales and offsets trainable float32 parameters (the codes stay fixed):
+    healing a packed model that way moves each group's grid, PEQA-style, and the file format does not change."""
+    made = []
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        if name.endswith(RANGE_SUFFIXES):
+            delattr(module, name)
+            param = nn.Parameter(buffer.detach().float())
+            module.register_parameter(name, param)
+            made.append(param)
+    return made
+
+
+def ranges_to_buffers(module: nn.Module) -> None:
+    """Inverse of :func:`ranges_to_parameters`: trained scales and offsets back to fp16 buffers, as stored."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        if name.endswith(RANGE_SUFFIXES):
+            delattr(module, name)
+            module.register_buffer(name, param.detach().half())
+
+
+def ranges_train(module: nn.Module) -> bool:
+    """Whether this packed layer's scales currently train (then the kernels, which give no gradient for them,
+    must not run)."""
+    scale = getattr(module, "scale", None)
+    if scale is None:
+        scale = getattr(module, "core0_scale", None)
+    return scale is not None and scale.requires_grad
+
+
 def _empty_packed(shape: tuple[int, ...], bits: int, group_size: int, device=None) -> PackedTensor:
     nbytes, groups = storage_shapes(shape, bits, group_size)
     return PackedTensor(
@@ -40,6 +73,7 @@ def _empty_packed(shape: tuple[int, ...], bits: int, group_size: int, device=Non
 
 
 def _packed(module: nn.Module, prefix: str, shape: tuple[int, ...]) -> PackedTensor:
+    """The module's packed tensor ``prefix`` (its scale and offset may be trainable float32 while healing)."""
     get = lambda name: getattr(module, f"{prefix}{name}")  # noqa: E731
     return PackedTensor(get("codes"), get("scale"), get("offset"), shape, module.bits, module.group_size)
 
@@ -70,7 +104,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if kernel_applies(self.bits, self.group_size, self.in_features, x):
+        if not ranges_train(self) and kernel_applies(self.bits, self.group_size, self.in_features, x):
             out = kernel_linear(x, self, (self.out_features, self.in_features))
             return out if bias is None else out + bias
         return F.linear(x, self.weight_values().to(x.dtype), bias)
@@ -142,7 +176,7 @@ class TiedQuantHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         table = self._embedding[0]
         shape = (table.num_embeddings, table.embedding_dim)
-        if kernel_applies(table.bits, table.group_size, table.embedding_dim, x):
+        if not ranges_train(table) and kernel_applies(table.bits, table.group_size, table.embedding_dim, x):
             return kernel_linear(x, table, shape)
         return F.linear(x, table.weight_values().to(x.dtype))
 
@@ -207,3 +241,4 @@ class QuantMPOLinear(nn.Module):
 
 
 QUANT_LAYERS = {"linear": QuantLinear, "embedding": QuantEmbedding, "mpo": QuantMPOLinear}
+PACKED_LAYERS = tuple(QUANT_LAYERS.values())  # the modules holding packed tensors (the tied head only reads one)
