@@ -3,6 +3,9 @@ healing the float structure (MPO cores, blocks deleted; its perplexity too) and 
 OUT_DIR.json.
 
     python bench/joint_at_size.py BYTES OUT_DIR [--rounding gptq|rtn] [--heal-tokens N] [--heal-train mpo|all]
+        [--scale-heal-tokens N]
+
+--scale-heal-tokens heals the packed model afterwards (its group scales and offsets; codes fixed).
 
 Issue 7 ran it at the int4 file size of SmolLM2-135M (75,858,056 bytes, before healing:
 bench/results/issue7/joint_at_int4_size.json) and at 10 % of the fp32 file (53,809,040 bytes, healed:
@@ -39,6 +42,9 @@ def main() -> None:
     parser.add_argument("--max-deleted-blocks", type=int, default=4)
     parser.add_argument("--heal-tokens", type=int, default=0, help="0: pack at once, no healing")
     parser.add_argument("--heal-lr", type=float, default=2e-4)
+    parser.add_argument("--scale-heal-tokens", type=int, default=0,
+                        help="after packing: tokens of healing the packed model's group scales and offsets")
+    parser.add_argument("--scale-heal-lr", type=float, default=3e-4)
     parser.add_argument("--heal-train", default="mpo", choices=("mpo", "all"),
                         help="what healing trains: the MPO cores only, or every float parameter")
     args = parser.parse_args()
@@ -64,12 +70,20 @@ def main() -> None:
         result["perplexity_healed_float"] = heldout_perplexity(model, tokenizer)  # what packing then costs
         apply_pending_packing(model, tokenizer)
         result["perplexity"] = heldout_perplexity(model, tokenizer)
+    if args.scale_heal_tokens:  # the model is packed by now (healed or not)
+        result["perplexity_packed"] = result["perplexity"]
+        start = time.time()
+        scale_config = HealConfig(tokens=args.scale_heal_tokens, lr=args.scale_heal_lr, train="scales",
+                                  eval_tokens=1024)  # fmt: skip
+        scale_healed = bondcut.heal(model, tokenizer, scale_config)
+        result.update(scale_heal_s=time.time() - start, scale_heal=scale_healed.to_dict())
+        result["perplexity"] = heldout_perplexity(model, tokenizer)
     bondcut.save(model, args.out, tokenizer=tokenizer, overwrite=True)
     result.update(disk_bytes=directory_weight_bytes(args.out), removed_blocks=report.joint["removed_blocks"],
                   embedding_bits=report.joint["embedding_bits"], joint=report.joint, plan=report.plan)  # fmt: skip
     with open(args.out.rstrip("/") + ".json", "w") as handle:
         json.dump(result, handle, indent=1, default=str)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("joint", "plan", "heal")}, indent=1, default=str))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("joint", "plan", "heal", "scale_heal")}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -29,11 +29,14 @@ def test_compare_writes_one_table_with_every_method_and_resumes(tmp_path):
     assert chopped["target_weights"] / base["target_weights"] == 0.5
     assert chopped["perplexity"]["perplexity"] < chopped["perplexity_before_heal"]["perplexity"]
     assert rows["int8"]["perplexity"]["perplexity"] < 1.05 * base["perplexity"]["perplexity"]
+    int8_before = rows["int8"]["perplexity_before_heal"]["perplexity"]  # int8 healed its scales on the same budget
+    assert int8_before != rows["int8"]["perplexity"]["perplexity"] and int8_before < 1.05 * base["perplexity"]["perplexity"]
     speed = report["speed"]["per_method"]
     assert speed["original"]["decode_speedup"] == 1.0 and speed["layerchop"]["train_step_s"] > 0
     assert speed["int8"]["train_step_s"] is None  # packed weights do not train
     table = (out / "compare.md").read_text()
-    for label in ("int8 (weight-only)", "LayerChop", "removed blocks [14, 15,", "context 512, stride 256"):
+    for label in ("int8 (weight-only)", "LayerChop", "removed blocks [14, 15,", "context 512, stride 256",
+                  "int8/int4 train their group scales and offsets"):
         assert label in table
     assert (out / "compare.png").stat().st_size > 10_000
     stamp = (out / "results" / "layerchop.json").stat().st_mtime
@@ -63,3 +66,5 @@ def test_compare_refuses_unknown_methods_and_orphan_int4():
     assert result.exit_code == 2 and "unknown method(s) ['awq']" in _flat(result.output)
     result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--methods", "bondcut_int4"])
     assert result.exit_code == 2 and "add bondcut to --methods" in _flat(result.output)
+    result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--joint-healing", "later"])
+    assert result.exit_code == 2 and "joint_healing must be 'float'" in _flat(result.output)

@@ -632,6 +632,12 @@ def compare_command(
     ] = 0.5,
     heal_tokens: Annotated[int, typer.Option(help="healing budget per trained method (0 = no healing)")] = 65536,
     heal_lr: Annotated[float, typer.Option(help="peak learning rate of healing")] = 2e-4,
+    scale_lr: Annotated[
+        float, typer.Option(help="peak learning rate where packed models heal their group scales and offsets")
+    ] = 3e-4,
+    joint_healing: Annotated[
+        str, typer.Option(help="joint: 'float' (heal the MPO cores, then pack) or 'packed' (pack, then heal scales)")
+    ] = "float",
     distill: Annotated[float, typer.Option(help="distillation weight in healing (teacher: the original)")] = 0.0,
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens for perplexity")] = 8192,
     tasks: Annotated[list[str] | None, typer.Option(help=_TASKS_HELP + " (default: none)")] = None,
@@ -663,6 +669,7 @@ def compare_command(
     chosen = METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
     try:
         config = CompareConfig(rounding=rounding, ratio=ratio, heal_tokens=heal_tokens, heal_lr=heal_lr, distill=distill,
+                               scale_lr=scale_lr, joint_healing=joint_healing,
                                eval_tokens=eval_tokens, tasks=_parse_tasks(tasks),
                                task_limit=task_limit, methods=chosen,
                                search_evaluations=search, chop_rule=chop_rule, quantize_cores=quantize_cores,

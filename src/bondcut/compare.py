@@ -3,14 +3,16 @@
 Every method starts from the same original model and, where it trains, gets the same healing budget
 (``heal_tokens`` of the train split, same schedule) and the same calibration data:
 
-- ``original``; ``int8`` / ``int4``: weight-only group-wise quantization of it (:mod:`bondcut.quant`);
+- ``original``; ``int8`` / ``int4``: weight-only group-wise quantization of it (:mod:`bondcut.quant`), healed
+  by training its group scales and offsets (codes fixed) on the same budget;
 - ``svd``: truncated SVD at one rank for all SA/MLP matrices; ``svd_llm``: activation-aware low rank
   (SVD-LLM-style whitening) at one rank; ``layerchop``: whole blocks deleted (:mod:`bondcut.layerchop`);
 - ``bondcut``: profile allocation + aware decomposition + search; ``bondcut_int4``: that model after healing,
   with embeddings, head and dense layers packed to 4 bits (the paper's "MPO + 4-bit" model);
 - ``joint``: one byte budget (``target_bytes``, default: bondcut_int4's file size) shared by MPO layouts and χ,
-  int8/int4 packing and block deletion, chosen together (:mod:`bondcut.joint`); its float structure (MPO
-  cores, blocks deleted) is healed, then packed (its "before healing" figure: packed without healing).
+  int8/int4 packing and block deletion, chosen together (:mod:`bondcut.joint`). ``joint_healing="float"``: its
+  float structure (MPO cores, blocks deleted) is healed, then packed; ``"packed"``: packed first, then its group
+  scales and offsets healed like the int rows (its "before healing" figure, either way: packed without healing).
 
 Each method's model and result land in ``out/models/NAME`` and ``out/results/NAME.json`` (a rerun skips
 what is done: the run resumes). Speed is measured last, every model in its own process, against the original.
@@ -33,7 +35,8 @@ from .mpo_linear import MPOLinear
 
 METHODS = ("original", "int8", "int4", "int4_gptq", "svd", "svd_llm", "layerchop", "bondcut", "bondcut_int4", "joint")
 QUANTIZED = {"int8": (8, "rtn"), "int4": (4, "rtn"), "int4_gptq": (4, "gptq")}  # method -> (bits, rounding)
-HEALED = ("svd", "svd_llm", "layerchop", "bondcut", "joint")
+HEALED = ("int8", "int4", "int4_gptq", "svd", "svd_llm", "layerchop", "bondcut", "joint")
+JOINT_HEALING = ("float", "packed")
 
 
 @dataclass
@@ -43,6 +46,8 @@ class CompareConfig:
     ratio: float = 0.5
     heal_tokens: int = 65536
     heal_lr: float = 2e-4
+    scale_lr: float = 3e-4  # healing packed models: relative gain of each scale, offset shift in units of its range
+    joint_healing: str = "float"
     distill: float = 0.0
     eval_tokens: int = 8192
     tasks: tuple[str, ...] = ()
@@ -63,6 +68,9 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if self.rounding not in ("gptq", "rtn"):
             raise ValueError(f"rounding must be 'gptq' or 'rtn', got {self.rounding!r}")
+        if self.joint_healing not in JOINT_HEALING:
+            raise ValueError(f"joint_healing must be 'float' (heal, then pack) or 'packed' (pack, then heal the "
+                             f"scales), got {self.joint_healing!r}")  # fmt: skip
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}, e.g. --methods svd,bondcut")
@@ -221,21 +229,22 @@ def run_method(
     build_s = time.perf_counter() - start
     before = None
     heal_s = 0.0
-    # joint: only MPO cores train (its dense matrices are packed after healing); a plan without them has none
-    trains = method != "joint" or any(isinstance(m, MPOLinear) for m in model.modules())
-    if method in HEALED and config.heal_tokens and trains:
+    train = _what_trains(method, model, config)
+    if method == "joint" and train != "mpo":  # nothing float to heal (or healing after packing): pack now
+        stage(method, "packing")
+        apply_pending_packing(model, tokenizer)
+    if method in HEALED and config.heal_tokens and train is not None:
         stage(method, "quality before healing")
-        unhealed = _packed_copy(model, tokenizer) if method == "joint" else model
+        unhealed = _packed_copy(model, tokenizer) if method == "joint" and train == "mpo" else model
         before = _quality(unhealed, tokenizer, config, tasks=False)["perplexity"]
         del unhealed
         stage(method, "healing")
         start = time.perf_counter()
-        train = "all" if method == "layerchop" else "mpo"  # chopped blocks are dense: continued pretraining
-        heal_config = HealConfig(tokens=config.heal_tokens, lr=config.heal_lr, train=train, distill=config.distill,
-                                 eval_tokens=1024, seed=config.seed)  # fmt: skip
+        heal_config = HealConfig(tokens=config.heal_tokens, lr=config.scale_lr if train == "scales" else config.heal_lr,
+                                 train=train, distill=config.distill, eval_tokens=1024, seed=config.seed)  # fmt: skip
         heal(model, tokenizer, heal_config, teacher=teacher if config.distill else None)
         heal_s = time.perf_counter() - start
-    if method == "joint":
+    if method == "joint" and train == "mpo":
         stage(method, "packing")
         apply_pending_packing(model, tokenizer)
     model.eval()
@@ -259,6 +268,25 @@ def run_method(
     atomic_write_text(result_file, json.dumps(result.to_dict(), indent=2))
     _forget_speed(out, method)
     return result
+
+
+def _what_trains(method: str, model: nn.Module, config: CompareConfig) -> str | None:
+    """What healing trains for ``method`` (None: nothing): int rows their packed scales and offsets; LayerChop's
+    blocks are dense (continued pretraining: all); the joint model its MPO cores before packing, or, with
+    ``joint_healing="packed"`` or a plan without MPO layers, its scales after packing; the rest their cores."""
+    if method in QUANTIZED:
+        return "scales"
+    if method == "layerchop":
+        return "all"
+    if method == "joint":
+        from .hf_integration import pending_packing
+
+        has_cores = any(isinstance(m, MPOLinear) for m in model.modules())
+        if has_cores and config.joint_healing == "float":
+            return "mpo"
+        packing = pending_packing(model) or {}
+        return "scales" if packing.get("layers") or packing.get("embedding_bits") else None
+    return "mpo" if method in HEALED else None
 
 
 def _forget_speed(out: Path, method: str) -> None:

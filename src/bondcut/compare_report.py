@@ -79,8 +79,12 @@ def compare_markdown(report: dict) -> str:
         ],
     )  # fmt: skip
     samples = "\n".join(f"- **{LABELS.get(r['method'], r['method'])}**: …{r['generation']!r}" for r in rows(report))
+    scales = (f"int8/int4 train their group scales and offsets (codes fixed, lr {config['scale_lr']:g})"
+              if "scale_lr" in config else "int8/int4 are not retrained")  # fmt: skip  # reports before scale healing
+    joint = {"float": "the joint model heals its float MPO cores, then packs",
+             "packed": "the joint model packs, then heals its scales and offsets"}.get(config.get("joint_healing", "float"))  # fmt: skip
     heal = (f"{config['heal_tokens']:,} tokens of the train split (lr {config['heal_lr']:g}, distillation weight "
-            f"{config['distill']:g}); int8/int4 are not retrained") if config["heal_tokens"] else "none"  # fmt: skip
+            f"{config['distill']:g}); {scales}; {joint}") if config["heal_tokens"] else "none"  # fmt: skip
     env = report["speed"]["environment"]
     return "\n".join([
         f"# bondcut compare: {report['original']} at {config['ratio']:.0%} of the SA+MLP parameters kept",

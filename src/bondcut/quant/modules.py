@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..mpo import Sites, contract, cores_to_dense, plan_contraction
 from .kernels import kernel_applies, kernel_linear
@@ -30,34 +31,64 @@ def _register_packed(module: nn.Module, prefix: str, packed: PackedTensor) -> No
 RANGE_SUFFIXES = ("scale", "offset")
 
 
+class _ScaleGain(nn.Module):
+    """scale -> scale * (1 + gain): a relative change, so one learning rate suits every group size and width."""
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.float() * (1 + self.gain)
+
+
+class _OffsetShift(nn.Module):
+    """offset -> offset + shift * (the group's range at the start): shifts in units of the grid's span."""
+
+    def __init__(self, span: torch.Tensor):
+        super().__init__()
+        self.register_buffer("span", span.detach().float().clone())
+        self.shift = nn.Parameter(torch.zeros_like(self.span))
+
+    def forward(self, offset: torch.Tensor) -> torch.Tensor:
+        return offset.float() + self.shift * self.span
+
+
+def _range_names(module: nn.Module) -> list[tuple[str, str]]:
+    """(scale name, offset name) of each packed tensor the module holds directly."""
+    return [(n, n[: -len("scale")] + "offset") for n, _ in module.named_buffers(recurse=False) if n.endswith("scale")]
+
+
 def ranges_to_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Make this packed layer's per-group scales and offsets trainable float32 parameters (the codes stay fixed):
-    healing a packed model that way moves each group's grid, PEQA-style, and the file format does not change."""
+    """Make this packed layer's per-group scales and offsets trainable (the codes stay fixed): healing a packed
+    model that way moves each group's grid, PEQA-style, and the file format does not change. Trained as a relative
+    gain on each scale and a shift of each offset in units of its range (torch parametrizations: every reader of
+    ``module.scale`` sees the trained value), so one learning rate fits int8 and int4."""
     made = []
-    for name, buffer in list(module.named_buffers(recurse=False)):
-        if name.endswith(RANGE_SUFFIXES):
-            delattr(module, name)
-            param = nn.Parameter(buffer.detach().float())
-            module.register_parameter(name, param)
-            made.append(param)
+    levels = (1 << module.bits) - 1
+    for scale_name, offset_name in _range_names(module):
+        scale = getattr(module, scale_name)
+        gain, shift = _ScaleGain(scale.shape), _OffsetShift(scale.float() * levels)
+        parametrize.register_parametrization(module, scale_name, gain, unsafe=True)
+        parametrize.register_parametrization(module, offset_name, shift, unsafe=True)
+        made += [gain.gain, shift.shift]
     return made
 
 
 def ranges_to_buffers(module: nn.Module) -> None:
-    """Inverse of :func:`ranges_to_parameters`: trained scales and offsets back to fp16 buffers, as stored."""
-    for name, param in list(module.named_parameters(recurse=False)):
-        if name.endswith(RANGE_SUFFIXES):
-            delattr(module, name)
-            module.register_buffer(name, param.detach().half())
+    """Inverse of :func:`ranges_to_parameters`: the trained scales and offsets become fp16 buffers, as stored."""
+    if not parametrize.is_parametrized(module):
+        return
+    for name in [n for n in list(module.parametrizations) if n.endswith(RANGE_SUFFIXES)]:
+        value = getattr(module, name).detach().half()
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        getattr(module, name).copy_(value)
 
 
 def ranges_train(module: nn.Module) -> bool:
-    """Whether this packed layer's scales currently train (then the kernels, which give no gradient for them,
-    must not run)."""
-    scale = getattr(module, "scale", None)
-    if scale is None:
-        scale = getattr(module, "core0_scale", None)
-    return scale is not None and scale.requires_grad
+    """Whether this packed layer's scales are being trained (the kernels, which cache the weight and give no
+    gradient for the scales, must then not run)."""
+    return parametrize.is_parametrized(module)
 
 
 def _empty_packed(shape: tuple[int, ...], bits: int, group_size: int, device=None) -> PackedTensor:
