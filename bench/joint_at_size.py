@@ -83,7 +83,8 @@ def main() -> None:
                   embedding_bits=report.joint["embedding_bits"], joint=report.joint, plan=report.plan)  # fmt: skip
     with open(args.out.rstrip("/") + ".json", "w") as handle:
         json.dump(result, handle, indent=1, default=str)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("joint", "plan", "heal", "scale_heal")}, indent=1, default=str))
+    summary = {k: v for k, v in result.items() if k not in ("joint", "plan", "heal", "scale_heal")}
+    print(json.dumps(summary, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ def test_bad_bits_and_groups_are_refused_with_an_example():
         quantize(torch.ones(4), 3)
     with pytest.raises(ValueError, match="even number"):
         quantize(torch.ones(4), 4, group_size=7)
+    with pytest.raises(ValueError, match="even number >= 2, got 0"):  # per row is a model-level choice only
+        quantize(torch.ones(4), 4, group_size=0)
 
 
 def test_group_dividing_picks_the_largest_even_divisor():

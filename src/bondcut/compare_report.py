@@ -20,6 +20,10 @@ LABELS = {
     "bondcut_int4": "bondcut MPO + int4",
     "joint": "bondcut joint search",
 }
+JOINT_HEALING_NOTES = {  # CompareConfig.joint_healing -> what the healing line says
+    "float": "the joint model heals its float MPO cores, then packs",
+    "packed": "the joint model packs, then heals its scales and offsets",
+}
 
 
 def mean_accuracy(zero_shot: dict) -> tuple[float, float] | None:
@@ -81,8 +85,7 @@ def compare_markdown(report: dict) -> str:
     samples = "\n".join(f"- **{LABELS.get(r['method'], r['method'])}**: …{r['generation']!r}" for r in rows(report))
     scales = (f"int8/int4 train their group scales and offsets (codes fixed, lr {config['scale_lr']:g})"
               if "scale_lr" in config else "int8/int4 are not retrained")  # fmt: skip  # reports before scale healing
-    joint = {"float": "the joint model heals its float MPO cores, then packs",
-             "packed": "the joint model packs, then heals its scales and offsets"}.get(config.get("joint_healing", "float"))  # fmt: skip
+    joint = JOINT_HEALING_NOTES[config.get("joint_healing", "float")]  # reports from before the option: "float"
     heal = (f"{config['heal_tokens']:,} tokens of the train split (lr {config['heal_lr']:g}, distillation weight "
             f"{config['distill']:g}); {scales}; {joint}") if config["heal_tokens"] else "none"  # fmt: skip
     env = report["speed"]["environment"]

@@ -120,7 +120,8 @@ class HealResult:
 
 def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
     """Mark and return what trains: "all" parameters, "mpo" (only the MPO layers' cores and biases), "scales"
-    (packed layers' group scales and offsets, made float32 parameters for the purpose), or "auto" ("mpo" for a model with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
+    (packed layers' group scales and offsets, through a gain and a shift per group), or "auto" ("mpo" for a model
+    with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
     if train == "auto":
         train = "mpo" if any(isinstance(m, MPOLinear) for m in model.modules()) else "all"
     if train == "all":
@@ -132,10 +133,6 @@ def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
         for module in model.modules():
             if isinstance(module, PACKED_LAYERS):
                 ranges_to_parameters(module)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("train='scales' needs a packed model: bondcut quantize it first (or heal with 'mpo')")
-        return params
     else:
         model.requires_grad_(False)
         for module in model.modules():
@@ -143,7 +140,9 @@ def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
                 module.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no MPO layers to train; compress it first, or heal with train='all'")
+        raise ValueError("train='scales' needs a packed model: bondcut quantize it first (or heal with 'mpo')"
+                         if train == "scales" else
+                         "the model has no MPO layers to train; compress it first, or heal with train='all'")  # fmt: skip
     return params
 
 

@@ -43,7 +43,7 @@ class QuantizeConfig:
     damping: float = 0.1  # gptq: fraction of H's mean diagonal added to it (more = closer to round-to-nearest)
 
     def __post_init__(self) -> None:
-        check_bits(self.bits, self.group_size)
+        check_bits(self.bits, self.group_size, per_row_allowed=True)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}; example: --method gptq")
         if self.method == "gptq" and self.calibration_tokens < 512:

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .packing import unpack_codes
 
@@ -66,24 +67,21 @@ def kernel_fits(bits: int, group_size: int, in_features: int) -> bool:
     return bits == 8 and group_size == in_features and kernel_available(8)
 
 
-def kernel_applies(bits: int, group_size: int, in_features: int, x: torch.Tensor) -> bool:
-    """Whether a forward with input ``x`` through a packed weight of this kind may take a kernel."""
+def kernel_applies(module: nn.Module, in_features: int, x: torch.Tensor) -> bool:
+    """Whether a forward with input ``x`` through ``module``'s packed weight may take a kernel: not where a
+    gradient must flow through the input, nor while the module's scales train (healing with train='scales'
+    parametrizes them; the kernel would neither follow nor differentiate them)."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    return (
-        _ENABLED["packed"] and not needs_grad and x.device.type == "cpu" and kernel_fits(bits, group_size, in_features)
-    )
-
-
-def _codes_matrix(module: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
-    out_features, in_features = shape
-    return unpack_codes(module.codes, module.bits)[: out_features * in_features].view(out_features, in_features)
+    if not _ENABLED["packed"] or needs_grad or x.device.type != "cpu" or parametrize.is_parametrized(module):
+        return False
+    return kernel_fits(module.bits, module.group_size, in_features)
 
 
 def kernel_weight(module: nn.Module, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``module``'s packed (codes, scale, offset) of an (out x in) weight -> the kernel's two operands: int4
     (weight, scales_and_zeros) or int8 (signed codes, bf16 rows [scale, zero])."""
     out_features, in_features = shape
-    codes = _codes_matrix(module, shape)
+    codes = unpack_codes(module.codes, module.bits)[: out_features * in_features].view(out_features, in_features)
     groups = in_features // module.group_size
     scale = module.scale.float().view(out_features, groups)
     middle = 8 if module.bits == 4 else 128
@@ -109,11 +107,11 @@ def kernel_linear(x: torch.Tensor, module: nn.Module, shape: tuple[int, int]) ->
     """x @ W^T through the kernel for ``module``'s packed weight (bfloat16 activations), returned in x's dtype
     and leading shape. Call only where :func:`kernel_applies` said yes."""
     weight, extra = cached_kernel_weight(module, shape)
-    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    rows = x.reshape(-1, x.shape[-1])
+    flat = rows.to(torch.bfloat16)
     if module.bits == 4:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, module.group_size, extra)
     else:
         out = torch.ops.aten._weight_int8pack_mm(flat, weight, extra[0])  # the kernel reads scales contiguously
-        row_sums = x.reshape(-1, x.shape[-1]).float().sum(dim=-1, keepdim=True)
-        out = out.float() + row_sums * extra[1].float()
+        out = out.float() + rows.float().sum(dim=-1, keepdim=True) * extra[1].float()
     return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])

@@ -85,12 +85,6 @@ def ranges_to_buffers(module: nn.Module) -> None:
         getattr(module, name).copy_(value)
 
 
-def ranges_train(module: nn.Module) -> bool:
-    """Whether this packed layer's scales are being trained (the kernels, which cache the weight and give no
-    gradient for the scales, must then not run)."""
-    return parametrize.is_parametrized(module)
-
-
 def _empty_packed(shape: tuple[int, ...], bits: int, group_size: int, device=None) -> PackedTensor:
     nbytes, groups = storage_shapes(shape, bits, group_size)
     return PackedTensor(
@@ -135,7 +129,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if not ranges_train(self) and kernel_applies(self.bits, self.group_size, self.in_features, x):
+        if kernel_applies(self, self.in_features, x):
             out = kernel_linear(x, self, (self.out_features, self.in_features))
             return out if bias is None else out + bias
         return F.linear(x, self.weight_values().to(x.dtype), bias)
@@ -207,7 +201,7 @@ class TiedQuantHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         table = self._embedding[0]
         shape = (table.num_embeddings, table.embedding_dim)
-        if not ranges_train(table) and kernel_applies(table.bits, table.group_size, table.embedding_dim, x):
+        if kernel_applies(table, table.embedding_dim, x):
             return kernel_linear(x, table, shape)
         return F.linear(x, table.weight_values().to(x.dtype))
 

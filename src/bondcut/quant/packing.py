@@ -39,15 +39,17 @@ class PackedTensor:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset))
 
 
-def check_bits(bits: int, group_size: int) -> None:
-    """Raise a clear error for an unsupported bit width or group size."""
+def check_bits(bits: int, group_size: int, per_row_allowed: bool = False) -> None:
+    """Raise a clear error for an unsupported bit width or group size. :data:`PER_ROW` is a choice of the whole
+    model's configuration (resolved per matrix by :func:`row_group`), not a size a tensor can be cut by."""
     if bits not in BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}; example: bondcut quantize DIR --bits 4")
-    if group_size != PER_ROW and (group_size < 2 or group_size % 2):
-        raise ValueError(
-            f"group_size must be an even number >= 2, or 0 for one group per row, got {group_size!r}; "
-            "example: --group-size 64"
-        )
+    if per_row_allowed and group_size == PER_ROW:
+        return
+    if group_size < 2 or group_size % 2:
+        per_row = ", or 0 for one group per row" if per_row_allowed else ""
+        raise ValueError(f"group_size must be an even number >= 2{per_row}, got {group_size!r}; "
+                         "example: --group-size 64")  # fmt: skip
 
 
 def row_group(group_size: int, row_length: int) -> int:
