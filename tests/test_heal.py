@@ -46,6 +46,18 @@ def test_healing_lowers_loss_and_perplexity_and_trains_only_the_cores(compressed
     assert sum(isinstance(m, MPOLinear) for m in model.modules()) == 3  # still MPO layers after training
 
 
+def test_rest_lr_steps_the_dense_parameters_at_their_own_rate(compressed_dir):
+    """train='all' with rest_lr: the cores move at lr while embeddings, norms and dense layers barely move."""
+    model, tokenizer = bondcut.load(compressed_dir)
+    cores = {n: p.detach().clone() for n, p in model.named_parameters() if "mlp" in n and "layers.1." in n}
+    rest = {n: p.detach().clone() for n, p in model.named_parameters() if n not in cores}
+    result = heal(model, tokenizer, HealConfig(**SMALL, train="all", rest_lr=1e-9))
+    assert result.trainable_params == sum(p.numel() for p in model.parameters())
+    after = dict(model.named_parameters())
+    assert min(float((after[n] - p).abs().max()) for n, p in cores.items()) > 1e-5
+    assert max(float((after[n] - p).abs().max()) for n, p in rest.items()) < 1e-6
+
+
 def test_distillation_term_is_zero_for_identical_logits_and_the_schedule_warms_up_then_decays():
     logits = torch.randn(2, 5, 11)
     assert float(distillation_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
@@ -127,6 +139,7 @@ def test_two_processes_under_torchrun_give_the_one_process_curve(compressed_dir,
         (["--train", "some"], "train must be"),
         (["--batch-size", "3", "--micro-batch", "2"], "multiple of micro_batch"),
         (["--tokens", "0"], "must be positive"),
+        (["--rest-lr", "1e-5"], "only applies with train='all'"),
     ],
 )
 def test_bad_heal_input_is_a_clear_error(compressed_dir, tmp_path, args, message):

@@ -468,6 +468,10 @@ def heal_command(
     batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all processes together)")] = 8,
     micro_batch: Annotated[int, typer.Option(help="sequences per forward/backward on one process")] = 4,
     lr: Annotated[float, typer.Option(help="peak learning rate (warm-up, then cosine)")] = 1e-4,
+    rest_lr: Annotated[
+        float | None, typer.Option(help="with --train all: peak learning rate of everything outside the MPO layers "
+                                        "(embeddings, norms, dense layers); default --lr")
+    ] = None,  # fmt: skip
     train: Annotated[str, typer.Option(help="'mpo' (cores only), 'all' parameters, or 'scales' (a packed model's "
                                            "group scales and offsets; codes stay)")] = "mpo",
     eval_every: Annotated[int, typer.Option(help="steps between held-out perplexity checks (0 = start and end)")] = 0,
@@ -493,7 +497,7 @@ def heal_command(
         _fail(f"{out} already exists; pass --overwrite or choose another --out")
     try:
         config = HealConfig(tokens=tokens, seq_len=seq_len, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
-                            train=train, distill=distill if teacher else 0.0, temperature=temperature,
+                            rest_lr=rest_lr, train=train, distill=distill if teacher else 0.0, temperature=temperature,
                             teacher_top_k=teacher_top_k,
                             eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
                             gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, seed=seed)  # fmt: skip

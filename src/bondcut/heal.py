@@ -48,6 +48,8 @@ class HealConfig:
         batch_size: sequences per optimizer step, over all processes and accumulation micro-steps.
         micro_batch: sequences per forward/backward on one process (accumulation = batch / (micro x processes)).
         lr: peak learning rate; warmup: fraction of steps warming up linearly; min_lr_ratio: cosine floor.
+        rest_lr: with train="all", the peak learning rate of everything outside the MPO layers (embeddings, norms,
+            dense layers); None = ``lr``. Pretrained dense weights want a smaller step than freshly cut cores.
         weight_decay, max_grad_norm: AdamW weight decay and gradient-norm clip.
         train: "mpo" (MPO cores and their biases only), "all" parameters, or "scales": a packed model's per-group
             scales and offsets only (codes fixed; healing after packing; stored back as fp16 when done).
@@ -68,6 +70,7 @@ class HealConfig:
     batch_size: int = 8
     micro_batch: int = 4
     lr: float = 1e-4
+    rest_lr: float | None = None
     warmup: float = 0.05
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -91,6 +94,9 @@ class HealConfig:
             raise ValueError(f"teacher_top_k must be >= 0 (0 = run the teacher alongside), got {self.teacher_top_k}")
         if not 0 <= self.distill <= 1 or self.temperature <= 0:
             raise ValueError(f"distill must be in [0, 1] and temperature > 0, got {self.distill}, {self.temperature}")
+        if self.rest_lr is not None and (self.rest_lr <= 0 or self.train != "all"):
+            raise ValueError(f"rest_lr must be positive and only applies with train='all' (it sets the learning "
+                             f"rate of the non-MPO parameters), got rest_lr={self.rest_lr}, train={self.train!r}")  # fmt: skip
         if min(self.tokens, self.seq_len, self.batch_size, self.micro_batch) < 1 or self.lr <= 0:
             raise ValueError("tokens, seq_len, batch_size, micro_batch and lr must be positive; "
                              "e.g. HealConfig(tokens=262144, seq_len=256, batch_size=8)")  # fmt: skip
@@ -144,6 +150,18 @@ def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
                          if train == "scales" else
                          "the model has no MPO layers to train; compress it first, or heal with train='all'")  # fmt: skip
     return params
+
+
+def parameter_groups(model: nn.Module, params: list[nn.Parameter], config: HealConfig) -> list[dict]:
+    """The optimizer's groups: one at ``lr``, or with ``rest_lr`` set, MPO cores at ``lr`` and the rest at
+    ``rest_lr`` (the cosine schedule scales both alike)."""
+    if config.rest_lr is None:
+        return [{"params": params, "lr": config.lr}]
+    in_mpo = {id(p) for m in model.modules() if isinstance(m, MPOLinear) for p in m.parameters()}
+    cores = [p for p in params if id(p) in in_mpo]
+    rest = [p for p in params if id(p) not in in_mpo]
+    return [group for group in ({"params": cores, "lr": config.lr}, {"params": rest, "lr": config.rest_lr})
+            if group["params"]]  # fmt: skip
 
 
 def store_trained_ranges(model: nn.Module) -> None:
@@ -203,7 +221,8 @@ def heal(
     if sharded:
         shard(model, accelerator.device)
         params = [p for p in model.parameters() if p.requires_grad]  # now DTensor shards
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, params, config), lr=config.lr, betas=(0.9, 0.95),
+                                  weight_decay=config.weight_decay)  # fmt: skip
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.min_lr_ratio)
     )
