@@ -3,9 +3,11 @@ healing the float structure (MPO cores, blocks deleted; its perplexity too) and 
 OUT_DIR.json.
 
     python bench/joint_at_size.py BYTES OUT_DIR [--rounding gptq|rtn] [--heal-tokens N] [--heal-train mpo|all]
-        [--scale-heal-tokens N]
+        [--scale-heal-tokens N] [--checkpoint-dir DIR]
 
 --scale-heal-tokens heals the packed model afterwards (its group scales and offsets; codes fixed).
+--checkpoint-dir keeps both healings' checkpoints there (every 16 steps); run the same command again to resume
+(the search is deterministic, so it rebuilds the same model first).
 
 Issue 7 ran it at the int4 file size of SmolLM2-135M (75,858,056 bytes, before healing:
 bench/results/issue7/joint_at_int4_size.json) and at 10 % of the fp32 file (53,809,040 bytes, healed:
@@ -47,7 +49,15 @@ def main() -> None:
     parser.add_argument("--scale-heal-lr", type=float, default=3e-4)
     parser.add_argument("--heal-train", default="mpo", choices=("mpo", "all"),
                         help="what healing trains: the MPO cores only, or every float parameter")
+    parser.add_argument("--checkpoint-dir", default=None, help="checkpoint both healings here; rerun to resume")
     args = parser.parse_args()
+    checkpoints = {} if args.checkpoint_dir is None else {"checkpoint_every": 16}
+
+    def checkpoint_of(stage: str) -> dict:
+        """heal()'s keyword arguments to checkpoint ``stage`` and resume it from an earlier run."""
+        return {} if args.checkpoint_dir is None else {"checkpoint_dir": f"{args.checkpoint_dir}/{stage}",
+                                                         "resume": True}  # fmt: skip
+
     model, tokenizer = load_model("smollm2-135m")
     start = time.time()
     config = CompressConfig(target_bytes=args.target_bytes, max_deleted_blocks=args.max_deleted_blocks,
@@ -64,8 +74,9 @@ def main() -> None:
     result["perplexity"] = result["perplexity_before_heal"]
     if args.heal_tokens:
         start = time.time()
-        heal_config = HealConfig(tokens=args.heal_tokens, lr=args.heal_lr, train=args.heal_train, eval_tokens=1024)
-        healed = bondcut.heal(model, tokenizer, heal_config)
+        heal_config = HealConfig(tokens=args.heal_tokens, lr=args.heal_lr, train=args.heal_train, eval_tokens=1024,
+                                 **checkpoints)  # fmt: skip
+        healed = bondcut.heal(model, tokenizer, heal_config, **checkpoint_of("float"))
         result.update(heal_s=time.time() - start, heal=healed.to_dict())
         result["perplexity_healed_float"] = heldout_perplexity(model, tokenizer)  # what packing then costs
         apply_pending_packing(model, tokenizer)
@@ -74,8 +85,8 @@ def main() -> None:
         result["perplexity_packed"] = result["perplexity"]
         start = time.time()
         scale_config = HealConfig(tokens=args.scale_heal_tokens, lr=args.scale_heal_lr, train="scales",
-                                  eval_tokens=1024)  # fmt: skip
-        scale_healed = bondcut.heal(model, tokenizer, scale_config)
+                                  eval_tokens=1024, **checkpoints)  # fmt: skip
+        scale_healed = bondcut.heal(model, tokenizer, scale_config, **checkpoint_of("scales"))
         result.update(scale_heal_s=time.time() - start, scale_heal=scale_healed.to_dict())
         result["perplexity"] = heldout_perplexity(model, tokenizer)
     bondcut.save(model, args.out, tokenizer=tokenizer, overwrite=True)

@@ -15,15 +15,19 @@ def _flat(text: str) -> str:
 
 def test_compare_writes_one_table_with_every_method_and_resumes(tmp_path):
     out = tmp_path / "cmp"
-    args = ["compare", "smollm2-135m", "--out", str(out), "--ratio", "0.5", "--methods", "int8,layerchop",
+    args = ["compare", "smollm2-135m", "--out", str(out), "--ratio", "0.5",
+            "--methods", "original_tuned,int8,layerchop",
             "--heal-tokens", "2048", "--eval-tokens", "256", "--chop-rule", "deepest", "--threads", "1",
             "--bench-repeats", "1", "--bench-train-batch", "1"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "compare.json").read_text())
     rows = {m["method"]: m for m in report["methods"]}
-    assert list(rows) == ["original", "int8", "layerchop"]
+    assert list(rows) == ["original", "original_tuned", "int8", "layerchop"]
     base = rows["original"]
+    tuned = rows["original_tuned"]  # the original trained on the same budget: same size, other weights
+    assert tuned["disk_bytes"] == base["disk_bytes"] and tuned["perplexity_before_heal"] == base["perplexity"]
+    assert tuned["perplexity"]["perplexity"] != base["perplexity"]["perplexity"]
     assert rows["int8"]["disk_bytes"] < 0.3 * base["disk_bytes"] and rows["int8"]["weights"] == base["weights"]
     chopped = rows["layerchop"]  # half the blocks gone, healed: better after healing than before
     assert chopped["target_weights"] / base["target_weights"] == 0.5
@@ -34,20 +38,22 @@ def test_compare_writes_one_table_with_every_method_and_resumes(tmp_path):
     speed = report["speed"]["per_method"]
     assert speed["original"]["decode_speedup"] == 1.0 and speed["layerchop"]["train_step_s"] > 0
     assert speed["int8"]["train_step_s"] is None  # packed weights do not train
+    assert speed["original_tuned"]["decode_speedup"] is None  # the original's architecture: not timed again
     table = (out / "compare.md").read_text()
-    for label in ("int8 (weight-only)", "LayerChop", "removed blocks [14, 15,", "context 512, stride 256",
+    for label in ("int8 (weight-only)", "LayerChop", "ppl / fine-tuned original", "removed blocks [14, 15,",
+                  "context 512, stride 256",
                   "int8/int4 train their group scales and offsets"):
         assert label in table
     assert (out / "compare.png").stat().st_size > 10_000
     stamp = (out / "results" / "layerchop.json").stat().st_mtime
     result = CliRunner().invoke(app, args)  # everything done: reuses results, rewrites the table
     assert result.exit_code == 0 and (out / "results" / "layerchop.json").stat().st_mtime == stamp
-    more = [a if a != "int8,layerchop" else "int8,int4,layerchop" for a in args]
+    more = [a if a != "original_tuned,int8,layerchop" else "original_tuned,int8,int4,layerchop" for a in args]
     result = CliRunner().invoke(app, more)  # a method added later: only it is built and timed (beside the original)
     assert result.exit_code == 0, result.output
     assert (out / "results" / "layerchop.json").stat().st_mtime == stamp
     again = json.loads((out / "compare.json").read_text())
-    assert [m["method"] for m in again["methods"]] == ["original", "int8", "int4", "layerchop"]
+    assert [m["method"] for m in again["methods"]] == ["original", "original_tuned", "int8", "int4", "layerchop"]
     assert again["speed"]["per_method"]["int8"] == speed["int8"]  # kept from the first run
     assert again["speed"]["per_method"]["int4"]["decode_tokens_per_s"] > 0
     assert "int4 (weight-only)" in (out / "compare.md").read_text()
@@ -55,9 +61,14 @@ def test_compare_writes_one_table_with_every_method_and_resumes(tmp_path):
     stale = json.loads(speed_file.read_text())
     stale["per_method"]["int8"]["decode_tokens_per_s"] = -1.0  # marks the old timing
     speed_file.write_text(json.dumps(stale))
-    (out / "results" / "int8.json").unlink()
-    result = CliRunner().invoke(app, more)  # a rebuilt method is timed again, not given its old figures
-    assert result.exit_code == 0, result.output
+    int8_made = (out / "results" / "int8.json").stat().st_mtime
+    result = CliRunner().invoke(app, [*more, "--scale-lr", "1e-4"])  # the int rows' settings change: rebuilt,
+    assert result.exit_code == 0, result.output  # and timed again, not given their old figures; the rest stays
+    assert "int8: made under other settings: rebuilding" in _flat(result.output)
+    assert (out / "results" / "int8.json").stat().st_mtime > int8_made
+    assert (out / "results" / "layerchop.json").stat().st_mtime == stamp
+    rebuilt = json.loads((out / "results" / "int8.json").read_text())["settings"]
+    assert rebuilt["scale_lr"] == 1e-4 and rebuilt["heal_tokens"] == 2048
     assert json.loads(speed_file.read_text())["per_method"]["int8"]["decode_tokens_per_s"] > 0
 
 

@@ -639,6 +639,9 @@ def compare_command(
     scale_lr: Annotated[
         float, typer.Option(help="peak learning rate where packed models heal their group scales and offsets")
     ] = 3e-4,
+    finetune_lr: Annotated[
+        float, typer.Option(help="peak learning rate of original_tuned (the original, all parameters trained)")
+    ] = 5e-5,
     joint_healing: Annotated[
         str, typer.Option(help="joint: 'float' (heal the MPO cores, then pack) or 'packed' (pack, then heal scales)")
     ] = "float",
@@ -649,7 +652,8 @@ def compare_command(
     methods: Annotated[
         str,
         typer.Option(
-            help="'all' or a comma list of original,int8,int4,svd,svd_llm,layerchop,bondcut,bondcut_int4,joint"
+            help="'all' or a comma list of original,original_tuned,int8,int4,int4_gptq,svd,svd_llm,layerchop,bondcut,"
+            "bondcut_int4,joint"
         ),
     ] = "all",
     search: Annotated[int, typer.Option(help="bondcut's search evaluations")] = 48,
@@ -673,7 +677,7 @@ def compare_command(
     chosen = METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
     try:
         config = CompareConfig(rounding=rounding, ratio=ratio, heal_tokens=heal_tokens, heal_lr=heal_lr, distill=distill,
-                               scale_lr=scale_lr, joint_healing=joint_healing,
+                               scale_lr=scale_lr, finetune_lr=finetune_lr, joint_healing=joint_healing,
                                eval_tokens=eval_tokens, tasks=_parse_tasks(tasks),
                                task_limit=task_limit, methods=chosen,
                                search_evaluations=search, chop_rule=chop_rule, quantize_cores=quantize_cores,

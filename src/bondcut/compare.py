@@ -3,7 +3,10 @@
 Every method starts from the same original model and, where it trains, gets the same healing budget
 (``heal_tokens`` of the train split, same schedule) and the same calibration data:
 
-- ``original``; ``int8`` / ``int4``: weight-only group-wise quantization of it (:mod:`bondcut.quant`), healed
+- ``original``; ``original_tuned``: the original itself trained (all parameters, ``finetune_lr``) on the same
+  budget, the reference for healed rows: healing on the train split also adapts a model to the corpus the
+  held-out text comes from, so a healed row can beat the untuned original and still have lost quality;
+- ``int8`` / ``int4``: weight-only group-wise quantization of it (:mod:`bondcut.quant`), healed
   by training its group scales and offsets (codes fixed) on the same budget;
 - ``svd``: truncated SVD at one rank for all SA/MLP matrices; ``svd_llm``: activation-aware low rank
   (SVD-LLM-style whitening) at one rank; ``layerchop``: whole blocks deleted (:mod:`bondcut.layerchop`);
@@ -15,7 +18,8 @@ Every method starts from the same original model and, where it trains, gets the 
   scales and offsets healed like the int rows (its "before healing" figure, either way: packed without healing).
 
 Each method's model and result land in ``out/models/NAME`` and ``out/results/NAME.json`` (a rerun skips
-what is done: the run resumes). Speed is measured last, every model in its own process, against the original.
+what is done: the run resumes; a result made under other settings of that method is rebuilt). Speed is measured
+last, every model in its own process, against the original.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from .cache import atomic_write_text
 from .config import CompressConfig
 from .mpo_linear import MPOLinear
 
-METHODS = ("original", "int8", "int4", "int4_gptq", "svd", "svd_llm", "layerchop", "bondcut", "bondcut_int4", "joint")
+METHODS = ("original", "original_tuned", "int8", "int4", "int4_gptq", "svd", "svd_llm", "layerchop", "bondcut",
+           "bondcut_int4", "joint")  # fmt: skip
 QUANTIZED = {"int8": (8, "rtn"), "int4": (4, "rtn"), "int4_gptq": (4, "gptq")}  # method -> (bits, rounding)
-HEALED = ("int8", "int4", "int4_gptq", "svd", "svd_llm", "layerchop", "bondcut", "joint")
+HEALED = ("original_tuned", "int8", "int4", "int4_gptq", "svd", "svd_llm", "layerchop", "bondcut", "joint")
 JOINT_HEALING = ("float", "packed")
+SAME_SHAPE = ("original_tuned",)  # rows with the original's architecture: not timed again
 
 
 @dataclass
@@ -47,6 +53,7 @@ class CompareConfig:
     heal_tokens: int = 65536
     heal_lr: float = 2e-4
     scale_lr: float = 3e-4  # healing packed models: relative gain of each scale, offset shift in units of its range
+    finetune_lr: float = 5e-5  # original_tuned: every pretrained parameter trains
     joint_healing: str = "float"
     distill: float = 0.0
     eval_tokens: int = 8192
@@ -84,7 +91,8 @@ class CompareConfig:
             raise ValueError(f"ratio (kept fraction of SA+MLP parameters) must be in (0, 1), got {self.ratio}")
         if self.heal_tokens < 0 or self.eval_tokens < 2:
             raise ValueError(f"need heal_tokens >= 0 and eval_tokens >= 2, got {self.heal_tokens}, {self.eval_tokens}")
-        self.methods = tuple(m for m in METHODS if m in self.methods)  # build order: bondcut before bondcut_int4
+        trains = self.heal_tokens > 0  # without a budget original_tuned would repeat the original
+        self.methods = tuple(m for m in METHODS if m in self.methods and (trains or m != "original_tuned"))
 
 
 @dataclass
@@ -103,6 +111,7 @@ class MethodResult:
     zero_shot: dict = field(default_factory=dict)
     generation: str = ""
     notes: str = ""
+    settings: dict = field(default_factory=dict)  # what made it (method_settings); other settings: rebuilt
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +127,34 @@ def target_weight_count(model: nn.Module) -> int:
     from .architectures import targets_of
 
     return sum(weight_count(model.get_submodule(t.name)) for t in targets_of(model))
+
+
+SETTINGS = {  # method -> the CompareConfig fields its result depends on (beyond SHARED_SETTINGS)
+    "original": (),
+    "original_tuned": ("finetune_lr", "distill"),
+    **{m: ("group_size", "scale_lr") for m in QUANTIZED},
+    "svd": ("ratio", "heal_lr", "distill"),
+    "svd_llm": ("ratio", "heal_lr", "distill"),
+    "layerchop": ("ratio", "chop_rule", "heal_lr", "distill"),
+    "bondcut": ("ratio", "search_evaluations", "heal_lr", "distill"),
+    "bondcut_int4": ("group_size", "rounding", "quantize_cores"),
+    "joint": ("target_bytes", "joint_blocks", "group_size", "rounding", "joint_healing", "heal_lr", "scale_lr",
+              "distill"),
+}  # fmt: skip
+SHARED_SETTINGS = ("heal_tokens", "eval_tokens", "tasks", "task_limit", "seed")
+DEPENDS_ON = {"bondcut_int4": "bondcut", "joint": "bondcut_int4"}  # built from it (joint: its bytes, by default)
+
+
+def method_settings(method: str, config: CompareConfig) -> dict:
+    """The settings ``method``'s result depends on, including those of the method it is built from; a result file
+    holding other settings is stale (e.g. int rows made before they healed their scales)."""
+    fields = asdict(config)
+    settings = {name: fields[name] for name in (*SHARED_SETTINGS, *SETTINGS[method])}
+    settings["tasks"] = list(settings["tasks"])  # as JSON stores it
+    parent = DEPENDS_ON.get(method)
+    if parent and not (method == "joint" and config.target_bytes is not None):
+        settings["from"] = method_settings(parent, config)
+    return settings
 
 
 def _compress_config(method: str, config: CompareConfig) -> CompressConfig:
@@ -136,6 +173,8 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, targe
 
     if method == "original":
         return ""
+    if method == "original_tuned":
+        return f"the original, every parameter trained on the healing budget (lr {config.finetune_lr:g})"
     if method == "joint":
         joint = compress(model, CompressConfig(target_bytes=target_bytes, max_deleted_blocks=config.joint_blocks,
                                                group_size=config.group_size, joint_rounding=config.rounding,
@@ -206,9 +245,13 @@ def run_method(
     from .sizes import directory_weight_bytes
 
     result_file = out / "results" / f"{method}.json"
-    if result_file.exists():
-        return MethodResult(**json.loads(result_file.read_text()))
     stage = on_stage or (lambda m, s: None)
+    settings = method_settings(method, config)
+    if result_file.exists():
+        done = MethodResult(**json.loads(result_file.read_text()))
+        if done.settings == settings:
+            return done
+        stage(method, "made under other settings: rebuilding")
     directory = out / "models" / method
     source = out / "models" / "bondcut" if method == "bondcut_int4" else original
     model, tokenizer = load(source)
@@ -240,7 +283,8 @@ def run_method(
         del unhealed
         stage(method, "healing")
         start = time.perf_counter()
-        heal_config = HealConfig(tokens=config.heal_tokens, lr=config.scale_lr if train == "scales" else config.heal_lr,
+        lr = config.finetune_lr if method == "original_tuned" else config.heal_lr
+        heal_config = HealConfig(tokens=config.heal_tokens, lr=config.scale_lr if train == "scales" else lr,
                                  train=train, distill=config.distill, eval_tokens=1024, seed=config.seed)  # fmt: skip
         heal(model, tokenizer, heal_config, teacher=teacher if config.distill else None)
         heal_s = time.perf_counter() - start
@@ -264,6 +308,7 @@ def run_method(
         zero_shot=quality.get("zero_shot", {}),
         generation=quality.get("generation", ""),
         notes=note,
+        settings=settings,
     )
     atomic_write_text(result_file, json.dumps(result.to_dict(), indent=2))
     _forget_speed(out, method)
@@ -276,7 +321,7 @@ def _what_trains(method: str, model: nn.Module, config: CompareConfig) -> str | 
     ``joint_healing="packed"`` or a plan without MPO layers, its scales after packing; the rest their cores."""
     if method in QUANTIZED:
         return "scales"
-    if method == "layerchop":
+    if method in ("layerchop", "original_tuned"):
         return "all"
     if method == "joint":
         from .hf_integration import pending_packing
@@ -302,7 +347,7 @@ def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareCon
     """Decode tokens/s of every model and training step time of those that train, vs the original, one run."""
     from .bench import BenchSettings, bench
 
-    dirs = {r.method: str(out / r.directory) for r in results}
+    dirs = {r.method: str(out / r.directory) for r in results if r.method not in SAME_SHAPE}
     settings = BenchSettings(threads=config.threads, decode_batches=(1,), repeats=config.bench_repeats,
                              train_params="auto", prefill_tokens=256,
                              train_batch=config.bench_train_batch)  # fmt: skip
@@ -322,6 +367,10 @@ def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareCon
             "train_step_speedup": ratios.get("train_step_speedup", 1.0 if d == baseline else None),
             "peak_rss_mb": inference["models"][d]["inference"]["peak_rss_mb"],
         }
+    for r in results:  # the original's architecture and size: its speed is the original's, not timed again
+        if r.method in SAME_SHAPE:
+            speed[r.method] = dict.fromkeys(("decode_tokens_per_s", "decode_speedup", "train_step_s",
+                                             "train_step_speedup", "peak_rss_mb"))  # fmt: skip
     return {"per_method": speed, "environment": inference["environment"], "settings": inference["settings"]}
 
 
