@@ -347,7 +347,7 @@ def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareCon
     """Decode tokens/s of every model and training step time of those that train, vs the original, one run."""
     from .bench import BenchSettings, bench
 
-    dirs = {r.method: str(out / r.directory) for r in results if r.method not in SAME_SHAPE}
+    dirs = {r.method: str(out / r.directory) for r in results}
     settings = BenchSettings(threads=config.threads, decode_batches=(1,), repeats=config.bench_repeats,
                              train_params="auto", prefill_tokens=256,
                              train_batch=config.bench_train_batch)  # fmt: skip
@@ -367,10 +367,6 @@ def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareCon
             "train_step_speedup": ratios.get("train_step_speedup", 1.0 if d == baseline else None),
             "peak_rss_mb": inference["models"][d]["inference"]["peak_rss_mb"],
         }
-    for r in results:  # the original's architecture and size: its speed is the original's, not timed again
-        if r.method in SAME_SHAPE:
-            speed[r.method] = dict.fromkeys(("decode_tokens_per_s", "decode_speedup", "train_step_s",
-                                             "train_step_speedup", "peak_rss_mb"))  # fmt: skip
     return {"per_method": speed, "environment": inference["environment"], "settings": inference["settings"]}
 
 
@@ -394,6 +390,10 @@ def compare(
     results = [run_method(m, original, out, config, teacher, on_stage) for m in methods]
     speed_file = out / "results" / "speed.json"
     done = json.loads(speed_file.read_text()) if speed_file.exists() else {"per_method": {}}
+    for r in results:  # the original's architecture and size: its speed is the original's, not timed again
+        if r.method in SAME_SHAPE:
+            done["per_method"][r.method] = dict.fromkeys(("decode_tokens_per_s", "decode_speedup", "train_step_s",
+                                                          "train_step_speedup", "peak_rss_mb"))  # fmt: skip
     missing = [r for r in results if r.method not in done["per_method"]]
     if missing:  # measured beside the original again: every ratio comes from one run
         fresh = measure_speed(out, [results[0], *(r for r in missing if r.method != "original")], config, on_bench)
