@@ -73,7 +73,8 @@ def compare_markdown(report: dict) -> str:
     config = report["config"]
     base = next(m for m in report["methods"] if m["method"] == "original")
     ppl = base["perplexity"]
-    tuned = any(r["ppl_vs_tuned"] is not None for r in rows(report))
+    data = rows(report)
+    tuned = any(r["ppl_vs_tuned"] is not None for r in data)
     table = _table(
         ["method", "SA+MLP kept", "weights kept", "disk vs fp32", "disk vs fp16", "ppl before heal", "ppl",
          "ppl / original", *(["ppl / fine-tuned original"] if tuned else []), "zero-shot acc ± se", "decode speed",
@@ -85,10 +86,10 @@ def compare_markdown(report: dict) -> str:
              *([_fmt(r["ppl_vs_tuned"], "{:.2f}x")] if tuned else []),
              "—" if r["accuracy"] is None else f"{r['accuracy'][0]:.3f} ± {r['accuracy'][1]:.3f}",
              _fmt(r["decode_speedup"], "{:.2f}x"), _fmt(r["train_speedup"], "{:.2f}x"), r["notes"]]
-            for r in rows(report)
+            for r in data
         ],
     )  # fmt: skip
-    samples = "\n".join(f"- **{LABELS.get(r['method'], r['method'])}**: …{r['generation']!r}" for r in rows(report))
+    samples = "\n".join(f"- **{LABELS.get(r['method'], r['method'])}**: …{r['generation']!r}" for r in data)
     scales = (f"int8/int4 train their group scales and offsets (codes fixed, lr {config['scale_lr']:g})"
               if "scale_lr" in config else "int8/int4 are not retrained")  # fmt: skip  # reports before scale healing
     joint = JOINT_HEALING_NOTES[config.get("joint_healing", "float")]  # reports from before the option: "float"
