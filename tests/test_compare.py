@@ -79,3 +79,15 @@ def test_compare_refuses_unknown_methods_and_orphan_int4():
     assert result.exit_code == 2 and "add bondcut to --methods" in _flat(result.output)
     result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--joint-healing", "later"])
     assert result.exit_code == 2 and "joint_healing must be 'float'" in _flat(result.output)
+
+
+def test_every_compare_setting_is_either_a_result_setting_or_speed_only():
+    """A new CompareConfig field must say which results it changes, or a resumed run would keep stale rows."""
+    from dataclasses import fields
+
+    from bondcut.compare import METHODS, SETTINGS, SHARED_SETTINGS, SPEED_ONLY_SETTINGS, CompareConfig
+
+    assert set(SETTINGS) == set(METHODS)
+    result_settings = set(SHARED_SETTINGS).union(*SETTINGS.values())
+    assert not result_settings & set(SPEED_ONLY_SETTINGS)
+    assert {f.name for f in fields(CompareConfig)} == result_settings | set(SPEED_ONLY_SETTINGS)

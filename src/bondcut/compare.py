@@ -142,6 +142,7 @@ SETTINGS = {  # method -> the CompareConfig fields its result depends on (beyond
               "distill"),
 }  # fmt: skip
 SHARED_SETTINGS = ("heal_tokens", "eval_tokens", "tasks", "task_limit", "seed")
+SPEED_ONLY_SETTINGS = ("methods", "bench_repeats", "bench_train_batch", "threads")  # no method's result depends on them
 DEPENDS_ON = {"bondcut_int4": "bondcut", "joint": "bondcut_int4"}  # built from it (joint: its bytes, by default)
 
 
@@ -343,6 +344,9 @@ def _forget_speed(out: Path, method: str) -> None:
             atomic_write_text(speed_file, json.dumps(done, indent=2))
 
 
+SPEED_KEYS = ("decode_tokens_per_s", "decode_speedup", "train_step_s", "train_step_speedup", "peak_rss_mb")
+
+
 def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareConfig, on_step=None) -> dict:
     """Decode tokens/s of every model and training step time of those that train, vs the original, one run."""
     from .bench import BenchSettings, bench
@@ -360,13 +364,13 @@ def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareCon
     speed = {}
     for method, d in dirs.items():
         ratios = {**inference.get("ratios", {}).get(d, {}), **training.get("ratios", {}).get(d, {})}
-        speed[method] = {
-            "decode_tokens_per_s": inference["models"][d]["inference"]["decode_b1_tokens_per_s"]["median"],
-            "decode_speedup": ratios.get("decode_b1_speedup", 1.0 if d == baseline else None),
-            "train_step_s": training["models"].get(d, {}).get("training", {}).get("step_s", {}).get("median"),
-            "train_step_speedup": ratios.get("train_step_speedup", 1.0 if d == baseline else None),
-            "peak_rss_mb": inference["models"][d]["inference"]["peak_rss_mb"],
-        }
+        speed[method] = dict(zip(SPEED_KEYS, (
+            inference["models"][d]["inference"]["decode_b1_tokens_per_s"]["median"],
+            ratios.get("decode_b1_speedup", 1.0 if d == baseline else None),
+            training["models"].get(d, {}).get("training", {}).get("step_s", {}).get("median"),
+            ratios.get("train_step_speedup", 1.0 if d == baseline else None),
+            inference["models"][d]["inference"]["peak_rss_mb"],
+        )))  # fmt: skip
     return {"per_method": speed, "environment": inference["environment"], "settings": inference["settings"]}
 
 
@@ -392,8 +396,7 @@ def compare(
     done = json.loads(speed_file.read_text()) if speed_file.exists() else {"per_method": {}}
     for r in results:  # the original's architecture and size: its speed is the original's, not timed again
         if r.method in SAME_SHAPE:
-            done["per_method"][r.method] = dict.fromkeys(("decode_tokens_per_s", "decode_speedup", "train_step_s",
-                                                          "train_step_speedup", "peak_rss_mb"))  # fmt: skip
+            done["per_method"][r.method] = dict.fromkeys(SPEED_KEYS)
     missing = [r for r in results if r.method not in done["per_method"]]
     if missing:  # measured beside the original again: every ratio comes from one run
         fresh = measure_speed(out, [results[0], *(r for r in missing if r.method != "original")], config, on_bench)
