@@ -105,7 +105,11 @@ def test_cli_compress_with_ratio_prints_and_saves_the_plan(tmp_path):
             "--profile-tokens", "128", "--profile", str(tmp_path / "p.json"), "--search", "2", "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "allocation (profile-knapsack+search)" in result.output and "allocation by module type" in result.output and "allocated per matrix" in result.output
+    assert (
+        "allocation (profile-knapsack+search)" in result.output
+        and "allocation by module type" in result.output
+        and "allocated per matrix" in result.output
+    )
     report = json.loads((out / "bondcut_report.json").read_text())
     assert report["plan"]["search"]["evaluations"] == 2
     assert report["target_params_after"] <= 0.4 * report["target_params_before"]

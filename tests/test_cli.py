@@ -13,7 +13,9 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def compressed_dir(tmp_path_factory, trained_model):
     out = tmp_path_factory.mktemp("cli") / "small"
-    result = runner.invoke(app, ["compress", "smollm2-135m", "--chi", "16", "--include", "re:layers\\.0\\.", "--out", str(out)])
+    result = runner.invoke(
+        app, ["compress", "smollm2-135m", "--chi", "16", "--include", "re:layers\\.0\\.", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -63,7 +65,9 @@ def test_existing_output_is_not_overwritten(compressed_dir):
 
 def test_eval_reports_heldout_perplexity_and_generations(compressed_dir, tmp_path):
     out = tmp_path / "report.json"
-    result = runner.invoke(app, ["eval", "smollm2-135m", "--max-tokens", "600", "--context", "256", "--stride", "128", "--out", str(out)])
+    result = runner.invoke(
+        app, ["eval", "smollm2-135m", "--max-tokens", "600", "--context", "256", "--stride", "128", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert 10 < report["perplexity"]["perplexity"] < 80 and report["perplexity"]["tokens_scored"] == 599

@@ -34,15 +34,23 @@ def test_compare_writes_one_table_with_every_method_and_resumes(tmp_path):
     assert chopped["perplexity"]["perplexity"] < chopped["perplexity_before_heal"]["perplexity"]
     assert rows["int8"]["perplexity"]["perplexity"] < 1.05 * base["perplexity"]["perplexity"]
     int8_before = rows["int8"]["perplexity_before_heal"]["perplexity"]  # int8 healed its scales on the same budget
-    assert int8_before != rows["int8"]["perplexity"]["perplexity"] and int8_before < 1.05 * base["perplexity"]["perplexity"]
+    assert (
+        int8_before != rows["int8"]["perplexity"]["perplexity"]
+        and int8_before < 1.05 * base["perplexity"]["perplexity"]
+    )
     speed = report["speed"]["per_method"]
     assert speed["original"]["decode_speedup"] == 1.0 and speed["layerchop"]["train_step_s"] > 0
     assert speed["int8"]["train_step_s"] is None  # packed weights do not train
     assert speed["original_tuned"]["decode_speedup"] is None  # the original's architecture: not timed again
     table = (out / "compare.md").read_text()
-    for label in ("int8 (weight-only)", "LayerChop", "ppl / fine-tuned original", "removed blocks [14, 15,",
-                  "context 512, stride 256",
-                  "int8/int4 train their group scales and offsets"):
+    for label in (
+        "int8 (weight-only)",
+        "LayerChop",
+        "ppl / fine-tuned original",
+        "removed blocks [14, 15,",
+        "context 512, stride 256",
+        "int8/int4 train their group scales and offsets",
+    ):
         assert label in table
     assert (out / "compare.png").stat().st_size > 10_000
     stamp = (out / "results" / "layerchop.json").stat().st_mtime

@@ -94,7 +94,12 @@ def test_gpt2_conv1d_layers_are_transposed_correctly():
     ids = torch.randint(0, 100, (2, 10))
     reference = _logits(model, ids)
     report = bondcut.compress(model, CompressConfig(chi=10**6, sites=3))
-    assert [r.name.split(".", 3)[-1] for r in report.layers[:4]] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert [r.name.split(".", 3)[-1] for r in report.layers[:4]] == [
+        "attn.c_attn",
+        "attn.c_proj",
+        "mlp.c_fc",
+        "mlp.c_proj",
+    ]
     assert report.layers[0].shape == (144, 48)  # (out, in) although Conv1D stores (in, out)
     assert (_logits(model, ids) - reference).abs().max() < 1e-4
 
@@ -154,11 +159,15 @@ def test_activation_aware_compress_lowers_the_output_error_on_real_inputs(traine
     errors = {}
     for tokens in (0, 1024):
         compressed = copy.deepcopy(model)
-        config = CompressConfig(ratio=0.5, sites="lowrank", include=names, calibration_tokens=tokens, allocation="uniform")
+        config = CompressConfig(
+            ratio=0.5, sites="lowrank", include=names, calibration_tokens=tokens, allocation="uniform"
+        )
         report = bondcut.compress(compressed, config, tokenizer=tokenizer)
         assert report.target_params_after <= 0.5 * report.target_params_before
         errors[tokens] = [output_error(dense_weight(model.get_submodule(n)).detach(),
                                        compressed.get_submodule(n).to_dense().detach(), cov[n]) for n in names]  # fmt: skip
     assert all(aware < 0.9 * plain for aware, plain in zip(errors[1024], errors[0]))
     with pytest.raises(ValueError, match="need the tokenizer"):
-        bondcut.compress(copy.deepcopy(model), CompressConfig(ratio=0.5, include=names, calibration_tokens=64, allocation="uniform"))
+        bondcut.compress(
+            copy.deepcopy(model), CompressConfig(ratio=0.5, include=names, calibration_tokens=64, allocation="uniform")
+        )

@@ -193,7 +193,11 @@ def stand_in_weight(entry: MatrixCandidates, choice: LayerChoice | Option, group
 
     bits = getattr(choice, "bits", None)
     if choice.layout == "dense":
-        return entry.weight if bits is None else dequantize(quantize(entry.weight, bits, group_size)).to(entry.weight.dtype)
+        return (
+            entry.weight
+            if bits is None
+            else dequantize(quantize(entry.weight, bits, group_size)).to(entry.weight.dtype)
+        )
     if bits is None:
         return entry.spectra[choice.layout].dense(choice.chi).to(entry.weight.dtype)
     from .mpo import cores_to_dense

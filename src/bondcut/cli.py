@@ -98,8 +98,11 @@ def compress(
         str, typer.Option(help="with --target-bytes: round packed dense matrices 'gptq' (activation-aware) or 'rtn'")
     ] = "gptq",
     defer_packing: Annotated[
-        bool, typer.Option(help="with --target-bytes: leave the packing pending, to heal the float model first "
-                                "(then: bondcut quantize DIR --pending)")
+        bool,
+        typer.Option(
+            help="with --target-bytes: leave the packing pending, to heal the float model first "
+            "(then: bondcut quantize DIR --pending)"
+        ),
     ] = False,  # fmt: skip
 ) -> None:
     """Replace the self-attention and MLP matrices by MPOs (and, with --target-bytes, pack/delete jointly); save."""
@@ -461,19 +464,30 @@ def heal_command(
     distill: Annotated[float, typer.Option(help="weight of distillation vs next-token loss, 0..1")] = 0.5,
     temperature: Annotated[float, typer.Option(help="distillation temperature")] = 1.0,
     teacher_top_k: Annotated[
-        int, typer.Option(help="cache the teacher's k largest logits per position on disk, so later runs on the same "
-                               "data skip the teacher (0 = run it alongside)")
+        int,
+        typer.Option(
+            help="cache the teacher's k largest logits per position on disk, so later runs on the same "
+            "data skip the teacher (0 = run it alongside)"
+        ),
     ] = 0,  # fmt: skip
     seq_len: Annotated[int, typer.Option(help="tokens per training sequence")] = 256,
     batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all processes together)")] = 8,
     micro_batch: Annotated[int, typer.Option(help="sequences per forward/backward on one process")] = 4,
     lr: Annotated[float, typer.Option(help="peak learning rate (warm-up, then cosine)")] = 1e-4,
     rest_lr: Annotated[
-        float | None, typer.Option(help="with --train all: peak learning rate of everything outside the MPO layers "
-                                        "(embeddings, norms, dense layers); default --lr")
+        float | None,
+        typer.Option(
+            help="with --train all: peak learning rate of everything outside the MPO layers "
+            "(embeddings, norms, dense layers); default --lr"
+        ),
     ] = None,  # fmt: skip
-    train: Annotated[str, typer.Option(help="'mpo' (cores only), 'all' parameters, or 'scales' (a packed model's "
-                                           "group scales and offsets; codes stay)")] = "mpo",
+    train: Annotated[
+        str,
+        typer.Option(
+            help="'mpo' (cores only), 'all' parameters, or 'scales' (a packed model's "
+            "group scales and offsets; codes stay)"
+        ),
+    ] = "mpo",
     eval_every: Annotated[int, typer.Option(help="steps between held-out perplexity checks (0 = start and end)")] = 0,
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens per check")] = 4096,
     checkpoint_every: Annotated[int, typer.Option(help="steps between atomic checkpoints (0 = none)")] = 50,
@@ -551,18 +565,29 @@ def quantize_command(
     model: Annotated[str, typer.Argument(help="a bondcut directory (compressed or healed), HF directory or alias")],
     out: Annotated[Path, typer.Option(help="directory to write the quantized model to")],
     bits: Annotated[int, typer.Option(help="8 or 4 bits per weight (group-wise scales, stored packed)")] = 4,
-    group_size: Annotated[int, typer.Option(help="weights sharing one fp16 scale and offset; 0: one per row "
-                                                 "(int8 then runs on PyTorch's int8 CPU kernel)")] = 64,
+    group_size: Annotated[
+        int,
+        typer.Option(
+            help="weights sharing one fp16 scale and offset; 0: one per row "
+            "(int8 then runs on PyTorch's int8 CPU kernel)"
+        ),
+    ] = 64,
     cores: Annotated[bool, typer.Option(help="also pack the MPO cores (default: only what is not an MPO)")] = False,
     embeddings: Annotated[bool, typer.Option(help="pack the token embedding and the LM head")] = True,
     method: Annotated[
-        str, typer.Option(help="Linear layers: 'rtn' (round to nearest) or 'gptq' (activation-aware, on calibration "
-                               "text; same file format)")
+        str,
+        typer.Option(
+            help="Linear layers: 'rtn' (round to nearest) or 'gptq' (activation-aware, on calibration "
+            "text; same file format)"
+        ),
     ] = "rtn",  # fmt: skip
     calibration_tokens: Annotated[int, typer.Option(help="gptq: calibration tokens")] = 16384,
     pending: Annotated[
-        bool, typer.Option(help="apply the per-layer packing that compress --target-bytes --defer-packing left "
-                                "(its bits and rounding; --bits, --method and the rest are then not used)")
+        bool,
+        typer.Option(
+            help="apply the per-layer packing that compress --target-bytes --defer-packing left "
+            "(its bits and rounding; --bits, --method and the rest are then not used)"
+        ),
     ] = False,  # fmt: skip
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:

@@ -37,7 +37,12 @@ class BondcutMPOConfig(QuantizationConfigMixin):
         self.extra = {k: v for k, v in kwargs.items() if k != "quant_method"}  # e.g. the compression plan
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "layers": self.layers, **self.extra}
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "layers": self.layers,
+            **self.extra,
+        }
 
 
 class BondcutMPOQuantizer(HfQuantizer):

@@ -50,7 +50,9 @@ class MPO:
 
     def __repr__(self) -> str:
         m, n = self.shape
-        return f"MPO(shape={m}x{n}, sites={list(self.sites)}, bond_dims={list(self.bond_dims)}, params={self.num_params})"
+        return (
+            f"MPO(shape={m}x{n}, sites={list(self.sites)}, bond_dims={list(self.bond_dims)}, params={self.num_params})"
+        )
 
 
 def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
