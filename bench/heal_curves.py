@@ -1,0 +1,89 @@
+"""Held-out perplexity during healing, several runs on one plot: LM loss vs distillation, one learning rate vs another.
+
+Reads the ``heal.json`` each ``bondcut heal`` run writes beside its model and lines their evaluations up by tokens
+trained; the reference perplexity (the original's, on the same held-out tokens) is drawn as a line and each final
+figure is reported as a ratio to it. No model runs here: the numbers are the runs' own.
+
+    python bench/heal_curves.py "LM loss:bench/results/issue6/heal_m70_lm_full_pass.json" \
+        "0.5 LM + 0.5 distillation:M70_KD/heal.json" --reference 35.39 --out bench/results/issue6/heal_m70_curves.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _common import write_json
+
+from bondcut.report import pyplot, save_figure
+
+
+def load_run(spec: str) -> tuple[str, dict]:
+    """'LABEL:PATH' -> (label, the heal.json there)."""
+    label, sep, path = spec.rpartition(":")
+    if not sep or not label:
+        raise SystemExit(f"expected LABEL:PATH (e.g. 'LM loss:m70_lm/heal.json'), got {spec!r}")
+    if not Path(path).is_file():
+        raise SystemExit(f"no heal.json at {path}: give the file a `bondcut heal` run wrote beside its model")
+    return label, json.loads(Path(path).read_text())
+
+
+def tokens_per_step(run: dict) -> int:
+    """Tokens one optimizer step trains on (all processes together)."""
+    return run["config"]["batch_size"] * run["config"]["seq_len"]
+
+
+def summarize_run(label: str, run: dict, reference: float | None) -> dict:
+    """The run's evaluations by tokens trained, its settings and time, and its last perplexity vs ``reference``."""
+    per_step = tokens_per_step(run)
+    evals = [e for e in run["evals"] if e]
+    final = evals[-1]["perplexity"]
+    return {
+        "label": label,
+        "config": run["config"],
+        "steps": run["steps"],
+        "tokens_trained": run["steps"] * per_step,
+        "passes": run["steps"] * per_step / run["train_tokens_per_pass"],
+        "seconds": run["seconds"],
+        "optimizer_state_bytes": run["optimizer_state_bytes"],
+        "held_out_tokens": evals[0]["tokens_scored"],
+        "evals": [{"step": e["step"], "tokens": e["step"] * per_step, "perplexity": e["perplexity"]} for e in evals],
+        "final_perplexity": final,
+        "final_vs_reference": None if reference is None else final / reference,
+    }
+
+
+def plot(runs: list[dict], reference: float | None, path: Path) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        ax.plot([e["tokens"] for e in run["evals"]], [e["perplexity"] for e in run["evals"]], marker="o",
+                label=f"{run['label']}: {run['final_perplexity']:.2f}")  # fmt: skip
+    if reference is not None:
+        ax.axhline(reference, color="k", ls="--", lw=1, label=f"original: {reference:.2f}")
+        ax.axhline(1.1 * reference, color="grey", ls=":", lw=1, label="1.10 x original")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens trained")
+    ax.set_ylabel(f"held-out perplexity ({runs[0]['held_out_tokens']} tokens)")
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="LABEL:PATH of a heal.json, one per run")
+    parser.add_argument("--reference", type=float, help="the original's perplexity on the same held-out tokens")
+    parser.add_argument("--out", type=Path, required=True, help="JSON path; the PNG goes beside it")
+    args = parser.parse_args()
+    runs = [summarize_run(label, run, args.reference) for label, run in map(load_run, args.runs)]
+    write_json(args.out, {"reference_perplexity": args.reference, "runs": runs})
+    plot(runs, args.reference, args.out.with_suffix(".png"))
+    for run in runs:
+        ratio = "" if run["final_vs_reference"] is None else f" ({run['final_vs_reference']:.2f}x)"
+        print(f"{run['label']}: {run['final_perplexity']:.2f}{ratio} after {run['tokens_trained']:,} tokens")
+
+
+if __name__ == "__main__":
+    main()
