@@ -44,11 +44,19 @@ def main() -> None:
     parser.add_argument("--max-deleted-blocks", type=int, default=4)
     parser.add_argument("--heal-tokens", type=int, default=0, help="0: pack at once, no healing")
     parser.add_argument("--heal-lr", type=float, default=2e-4)
-    parser.add_argument("--scale-heal-tokens", type=int, default=0,
-                        help="after packing: tokens of healing the packed model's group scales and offsets")
+    parser.add_argument(
+        "--scale-heal-tokens",
+        type=int,
+        default=0,
+        help="after packing: tokens of healing the packed model's group scales and offsets",
+    )
     parser.add_argument("--scale-heal-lr", type=float, default=3e-4)
-    parser.add_argument("--heal-train", default="mpo", choices=("mpo", "all"),
-                        help="what healing trains: the MPO cores only, or every float parameter")
+    parser.add_argument(
+        "--heal-train",
+        default="mpo",
+        choices=("mpo", "all"),
+        help="what healing trains: the MPO cores only, or every float parameter",
+    )
     parser.add_argument("--checkpoint-dir", default=None, help="checkpoint both healings here; rerun to resume")
     args = parser.parse_args()
     checkpoints = {} if args.checkpoint_dir is None else {"checkpoint_every": 16}

@@ -29,7 +29,12 @@ def main() -> None:
 
     original, tokenizer = bondcut.load(args.model)
     text = split_text("heldout", genres="a")
-    results = {"benchmark": "quality", "model": args.model, "ratio": args.ratio, "environment": environment(args.threads)}
+    results = {
+        "benchmark": "quality",
+        "model": args.model,
+        "ratio": args.ratio,
+        "environment": environment(args.threads),
+    }
     variants = {
         "original": None,
         "mpo_auto": bondcut.CompressConfig(ratio=args.ratio, allocation="uniform"),
@@ -51,7 +56,9 @@ def main() -> None:
         del model
     base = results["original"]
     for name in variants:
-        results[name]["ppl_ratio_to_original"] = results[name]["perplexity"]["perplexity"] / base["perplexity"]["perplexity"]
+        results[name]["ppl_ratio_to_original"] = (
+            results[name]["perplexity"]["perplexity"] / base["perplexity"]["perplexity"]
+        )
         results[name]["time_ratio_to_original"] = results[name]["perplexity_seconds"] / base["perplexity_seconds"]
     write_json(args.out, results)
     print(f"wrote {args.out}")

@@ -62,7 +62,12 @@ def main() -> None:
     original, tokenizer = bondcut.load(args.model)
     ids = tokenizer(split_text("heldout", genres="a"), return_tensors="pt").input_ids[:, : args.tokens]
     reference = logits(original, ids)
-    results = {"benchmark": "roundtrip", "model": args.model, "tokens": args.tokens, "environment": environment(args.threads)}
+    results = {
+        "benchmark": "roundtrip",
+        "model": args.model,
+        "tokens": args.tokens,
+        "environment": environment(args.threads),
+    }
     results["original_weights_bytes"] = directory_weight_bytes(bondcut.resolve_model(args.model))
 
     fp64, ids64 = copy.deepcopy(original).double(), ids

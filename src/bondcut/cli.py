@@ -104,6 +104,13 @@ def compress(
             "(then: bondcut quantize DIR --pending)"
         ),
     ] = False,  # fmt: skip
+    refit_tokens: Annotated[
+        int,
+        typer.Option(
+            help="after the surgery, refit the MPO layers block by block to the original's outputs on the inputs "
+            "the compressed model gives them, on N calibration tokens (0 = off; e.g. 32768)"
+        ),
+    ] = 0,  # fmt: skip
 ) -> None:
     """Replace the self-attention and MLP matrices by MPOs (and, with --target-bytes, pack/delete jointly); save."""
     import bondcut
@@ -123,7 +130,7 @@ def compress(
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
             exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens, allocation=allocation,
             ratio_of=ratio_of, profile=None if profile is None else str(profile), profile_tokens=profile_tokens,
-            search_evaluations=search,
+            search_evaluations=search, refit_tokens=refit_tokens,
         )  # fmt: skip
     except ValueError as err:
         _fail(str(err))
@@ -170,6 +177,7 @@ STAGES = {
     "candidates": "pricing layouts and chi (SVDs)",
     "profile": "profile: loss per matrix and size",
     "search": "search: evaluations",
+    "refit": "refit: blocks, in order",
 }
 
 

@@ -51,6 +51,9 @@ class CompressConfig:
         joint_bits: packed precisions the joint allocator may use; ``group_size``: weights per scale.
         joint_rounding: how its packed dense matrices and embedding are rounded: "gptq" (activation-aware, on
             calibration text; the plan's predicted packing errors are round-to-nearest's, an upper estimate) or "rtn".
+        refit_tokens: after the surgery, refit the MPO layers block by block to the original's outputs on the
+            inputs the compressed model gives them, on this many calibration tokens (:mod:`bondcut.refit`; 0 = off).
+            Same layouts and sizes; costs a second copy of the model while it runs. Not with ``target_bytes``.
         defer_packing: with ``target_bytes``: do the MPO surgery and block deletion but leave the packing pending
             in the model's config, so the float model can be healed first;
             :func:`bondcut.joint.apply_pending_packing` (``bondcut quantize --pending``) packs it afterwards.
@@ -79,6 +82,7 @@ class CompressConfig:
     joint_rounding: str = "gptq"
     defer_packing: bool = False
     group_size: int = 64
+    refit_tokens: int = 0
 
     def __post_init__(self) -> None:
         example = "e.g. CompressConfig(ratio=0.5), CompressConfig(chi=64) or CompressConfig(target_bytes=60_000_000)"
@@ -94,6 +98,9 @@ class CompressConfig:
                              f"{self.max_deleted_blocks}, {self.joint_bits}")  # fmt: skip
         if self.defer_packing and self.target_bytes is None:
             raise ValueError("defer_packing applies to the joint search: give target_bytes as well")
+        if self.refit_tokens < 0 or (self.refit_tokens and self.target_bytes is not None):
+            raise ValueError(f"refit_tokens must be >= 0 and applies to ratio/chi/tol compression, not the joint search "
+                             f"(it packs and deletes blocks), got {self.refit_tokens}")  # fmt: skip
         if self.joint_rounding not in ("gptq", "rtn"):
             raise ValueError(f"joint_rounding must be 'gptq' or 'rtn', got {self.joint_rounding!r}")
         if self.ratio is not None and not 0 < self.ratio <= 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -197,11 +198,12 @@ def compress(
     from .hf_integration import attach_layout_config
 
     targets = select_targets(model, config)
+    original = copy.deepcopy(model) if config.refit_tokens else None  # the refit's reference outputs
     modules = {t.name: model.get_submodule(t.name) for t in targets}
     weights = {name: dense_weight(mod).detach() for name, mod in modules.items()}
     report = CompressionReport(model_params_before=sum(p.numel() for p in model.parameters()))
-    if (config.calibration_tokens or config.allocates) and tokenizer is None:
-        raise ValueError("activation-aware compression and profile allocation need the tokenizer: "
+    if (config.calibration_tokens or config.allocates or config.refit_tokens) and tokenizer is None:
+        raise ValueError("activation-aware compression, profile allocation and refit need the tokenizer: "
                          "bondcut.compress(model, config, tokenizer=tok), or CompressConfig(..., allocation='uniform', "
                          "calibration_tokens=0)")  # fmt: skip
     covariances = {}
@@ -252,6 +254,12 @@ def compress(
         log.debug("compressed %s: %s", target.name, layer_report)
         if on_layer is not None:
             on_layer(layer_report, index, len(targets))
+    if original is not None:
+        from .refit import refit_sequential
+
+        progress = None if on_stage is None else lambda done, total: on_stage("refit", done, total)
+        refit_sequential(model, original, tokenizer, list(modules), tokens=config.refit_tokens, on_block=progress)
+        del original
     pending = None
     if joint is not None:
         from .joint import apply_storage
