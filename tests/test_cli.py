@@ -48,6 +48,10 @@ def test_info_lists_every_layer(compressed_dir):
         (["info", "{tmp}"], "no config.json"),
         (["quantize", "smollm2-135m", "--pending", "--out", "{tmp}/x"], "no pending packing"),
         (["compress", "smollm2-135m", "--ratio", "0.5", "--defer-packing", "--out", "{tmp}/x"], "give target_bytes"),
+        (
+            ["compress", "smollm2-135m", "--target-bytes", "60MB", "--refit-tokens", "8192", "--out", "{tmp}/x"],
+            "not the joint search",
+        ),
     ],
 )
 def test_bad_input_gives_a_clear_error_and_writes_nothing(args, message, tmp_path):
