@@ -14,8 +14,9 @@ refit to W* as well with ``dense=True`` (they then correct the error they receiv
 1,536 inputs a few thousand tokens overfit, and held-out KL grew); packed layers are left alone.
 
 Inputs are gathered GPTQ-style: the output of block b-1 on each calibration window is kept for both models, the
-blocks before it are replaced by stand-ins that hand it on, and a hook stops the forward as soon as the layer group
-being refit has its input, so each block costs a few partial block passes, not full forwards.
+blocks before it are replaced by stand-ins that return it (:class:`bondcut.replay.RecordedBlock`), and a hook stops
+the forward as soon as the layer group being refit has its input, so each block costs a few partial block passes, not
+full forwards; the original's block runs once, its inputs and output gathered together.
 """
 
 from __future__ import annotations
@@ -29,27 +30,12 @@ from torch import nn
 from .calibration import calibration_windows
 from .mpo.whiten import decompose_whitened
 from .mpo_linear import MPOLinear
-from .replay import block_list, copy_block_attributes
+from .replay import RecordedBlock, block_list
 from .surgery import dense_weight, is_dense_layer, set_submodule
 
 
 class _Stop(Exception):
     """Raised by a hook once the forward has produced what is needed: the rest of the model need not run."""
-
-
-class _Replayed(nn.Module):
-    """Stand-in for a block already done: returns the block's recorded output on the current window (the blocks
-    before it, also stand-ins, return their input; only the last one's output reaches the block being refit)."""
-
-    def __init__(self, block: nn.Module, outputs: list | None, stream: _Stream) -> None:
-        super().__init__()
-        self.outputs, self.stream = outputs, stream
-        copy_block_attributes(block, self)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if self.outputs is None:
-            return (hidden_states,) if self.stream.returns_tuple else hidden_states
-        return self.outputs[self.stream.window]
 
 
 @dataclass
@@ -60,7 +46,6 @@ class _Stream:
     blocks: nn.ModuleList
     windows: torch.Tensor
     outputs: list | None = None  # block b-1's output on each window (None before block 0)
-    returns_tuple: bool = False
     window: int = 0
 
     def run(self, block: int, hooks: Sequence[tuple[nn.Module, Callable]] = (), keep_output: bool = False) -> list:
@@ -77,8 +62,8 @@ class _Stream:
 
             handles.append(self.blocks[block].register_forward_hook(keep))
         originals = list(self.blocks[:block])
-        for i in range(block):
-            self.blocks[i] = _Replayed(originals[i], self.outputs if i == block - 1 else None, self)
+        for i in range(block):  # each returns block b-1's recorded output; only the last one's reaches block b
+            self.blocks[i] = RecordedBlock(originals[i], self.outputs, self)
         try:
             with torch.no_grad():
                 for self.window, ids in enumerate(self.windows):
@@ -91,8 +76,6 @@ class _Stream:
                 self.blocks[i] = original
             for handle in handles:
                 handle.remove()
-        if keep_output:
-            self.returns_tuple = isinstance(kept[0], tuple)
         return kept
 
 
@@ -108,7 +91,7 @@ def input_groups(stream: _Stream, block: int, names: Sequence[str]) -> list[list
 
         return hook
 
-    first = _Stream(stream.model, stream.blocks, stream.windows[:1], stream.outputs, stream.returns_tuple)
+    first = _Stream(stream.model, stream.blocks, stream.windows[:1], stream.outputs)
     first.run(block, [(stream.model.get_submodule(n), seen(n)) for n in names], keep_output=True)
     groups: list[list[str]] = []
     last = None
@@ -184,17 +167,21 @@ def refit_sequential(
     refit = 0
     for b in range(last + 1):
         if todo.get(b):
-            refit += _refit_block(compressed, reference, b, todo[b], damping)
+            reference_outputs = _refit_block(compressed, reference, b, todo[b], damping)
+            refit += len(todo[b])
+        else:
+            reference_outputs = reference.run(b, keep_output=True)
         if b < last:
-            reference.outputs = reference.run(b, keep_output=True)
+            reference.outputs = reference_outputs
             compressed.outputs = compressed.run(b, keep_output=True)
         if on_block is not None:
             on_block(b + 1, last + 1)
     return refit
 
 
-def _refit_block(compressed: _Stream, reference: _Stream, block: int, names: list[str], damping: float) -> int:
-    """Refit the layers ``names`` of ``block``, one input group at a time (later groups see the refit ones)."""
+def _refit_block(compressed: _Stream, reference: _Stream, block: int, names: list[str], damping: float) -> list:
+    """Refit the layers ``names`` of ``block``, one input group at a time (later groups see the refit ones);
+    returns the original's block outputs, recorded in the same pass that gathered its inputs."""
     groups = input_groups(compressed, block, names)
     inputs: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}  # the original's input per group, per window
 
@@ -204,7 +191,8 @@ def _refit_block(compressed: _Stream, reference: _Stream, block: int, names: lis
 
         return hook
 
-    reference.run(block, [(reference.model.get_submodule(g[0]), store(g[0])) for g in groups], keep_output=True)
+    outputs = reference.run(block, [(reference.model.get_submodule(g[0]), store(g[0])) for g in groups],
+                            keep_output=True)  # fmt: skip
     for group in groups:
         n = inputs[group[0]][0].shape[-1]
         gram = torch.zeros(n, n, dtype=torch.float64)
@@ -222,4 +210,4 @@ def _refit_block(compressed: _Stream, reference: _Stream, block: int, names: lis
             weight = dense_weight(reference.model.get_submodule(name))
             _refit_layer(compressed.model, name, weight, cross, gram, damping)
         del inputs[group[0]]
-    return len(names)
+    return outputs

@@ -42,8 +42,8 @@ def copy_block_attributes(block: nn.Module, stand_in: nn.Module) -> None:
             setattr(stand_in, attr, getattr(block, attr))
 
 
-class _Recorded(nn.Module):
-    """Stand-in for a skipped block: returns what the real block returned on the current window."""
+class RecordedBlock(nn.Module):
+    """Stand-in for a skipped block: returns what the real block returned on the current window (``runner.window``)."""
 
     def __init__(self, block: nn.Module, outputs: list, runner: BlockReplay) -> None:
         super().__init__()
@@ -101,7 +101,7 @@ class BlockReplay:
             raise RuntimeError("BlockReplay.score(first_block > 0) needs record() first")
         originals = list(self.blocks[:first_block])
         for i in range(first_block):
-            self.blocks[i] = _Recorded(originals[i], self.outputs[i], self)
+            self.blocks[i] = RecordedBlock(originals[i], self.outputs[i], self)
         try:
             return self._score()
         finally:

@@ -198,7 +198,6 @@ def compress(
     from .hf_integration import attach_layout_config
 
     targets = select_targets(model, config)
-    original = copy.deepcopy(model) if config.refit_tokens else None  # the refit's reference outputs
     modules = {t.name: model.get_submodule(t.name) for t in targets}
     weights = {name: dense_weight(mod).detach() for name, mod in modules.items()}
     report = CompressionReport(model_params_before=sum(p.numel() for p in model.parameters()))
@@ -206,6 +205,7 @@ def compress(
         raise ValueError("activation-aware compression, profile allocation and refit need the tokenizer: "
                          "bondcut.compress(model, config, tokenizer=tok), or CompressConfig(..., allocation='uniform', "
                          "calibration_tokens=0)")  # fmt: skip
+    original = copy.deepcopy(model) if config.refit_tokens else None  # the refit's reference outputs
     covariances = {}
     if config.calibration_tokens:
         from .calibration import input_covariances
