@@ -14,8 +14,7 @@ import torch
 from _common import RESULTS_DIR, environment, write_json
 
 import bondcut
-from bondcut.corpus import split_text
-from bondcut.perplexity import perplexity
+from bondcut.perplexity import heldout_perplexity
 
 VARIANTS = {
     "lowrank_plain": bondcut.CompressConfig(ratio=0.5, sites="lowrank", allocation="uniform"),
@@ -27,7 +26,6 @@ VARIANTS = {
 def main() -> None:
     torch.set_num_threads(2)
     model, tokenizer = bondcut.load("smollm2-135m")
-    text = split_text("heldout", genres="a")
     results = {"benchmark": "activation_aware_ppl", "environment": environment(2)}
     for name, config in VARIANTS.items():
         compressed = copy.deepcopy(model)
@@ -35,7 +33,7 @@ def main() -> None:
         report = bondcut.compress(compressed, config, tokenizer=tokenizer)
         seconds = time.perf_counter() - start
         bondcut.tune(compressed, allow_dense=True)  # exact; only makes the balanced model evaluable quickly
-        ppl = perplexity(compressed, tokenizer, text, context=512, stride=256, max_tokens=8192)
+        ppl = heldout_perplexity(compressed, tokenizer)
         results[name] = {"ppl": ppl.perplexity, "tokens": ppl.tokens_scored, "compress_s": seconds,
                          "kept": report.target_params_after / report.target_params_before}  # fmt: skip
         print(name, results[name], flush=True)

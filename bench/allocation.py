@@ -20,8 +20,7 @@ import torch
 from _common import base_parser, environment, write_json
 
 import bondcut
-from bondcut.corpus import split_text
-from bondcut.perplexity import perplexity
+from bondcut.perplexity import heldout_perplexity
 
 
 def variants(ratio: float) -> dict[str, bondcut.CompressConfig]:
@@ -68,10 +67,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = bondcut.load(args.model)
-    text = split_text("heldout", genres="a")
 
     def ppl(m) -> dict:
-        return perplexity(m, tokenizer, text, context=512, stride=256, max_tokens=8192).to_dict()
+        return heldout_perplexity(m, tokenizer).to_dict()
 
     results = {"benchmark": "allocation", "environment": environment(args.threads), "original": ppl(model), "runs": {}}
     results["original"]["ppl"] = results["original"]["perplexity"]

@@ -23,17 +23,10 @@ import time
 
 import bondcut
 from bondcut import CompressConfig, HealConfig
-from bondcut.corpus import split_text
 from bondcut.joint import apply_pending_packing
 from bondcut.models import load_model
-from bondcut.perplexity import perplexity
+from bondcut.perplexity import heldout_perplexity
 from bondcut.sizes import directory_weight_bytes
-
-
-def heldout_perplexity(model, tokenizer) -> dict:
-    """The compare table's figure: 8,191 Brown press tokens, context 512, stride 256."""
-    text = split_text("heldout", genres="a")
-    return perplexity(model, tokenizer, text, context=512, stride=256, max_tokens=8192).to_dict()
 
 
 def main() -> None:
@@ -76,7 +69,7 @@ def main() -> None:
     apply_pending_packing(unhealed, tokenizer)
     result = {"target_bytes": args.target_bytes, "rounding": args.rounding, "build_s": build_s,
               "heal_train": args.heal_train,
-              "perplexity_before_heal": heldout_perplexity(unhealed, tokenizer)}  # fmt: skip
+              "perplexity_before_heal": heldout_perplexity(unhealed, tokenizer).to_dict()}  # fmt: skip
     del unhealed
     print(json.dumps(result, indent=1), flush=True)
     result["perplexity"] = result["perplexity_before_heal"]
@@ -86,9 +79,9 @@ def main() -> None:
                                  **checkpoints)  # fmt: skip
         healed = bondcut.heal(model, tokenizer, heal_config, **checkpoint_of("float"))
         result.update(heal_s=time.time() - start, heal=healed.to_dict())
-        result["perplexity_healed_float"] = heldout_perplexity(model, tokenizer)  # what packing then costs
+        result["perplexity_healed_float"] = heldout_perplexity(model, tokenizer).to_dict()  # what packing then costs
         apply_pending_packing(model, tokenizer)
-        result["perplexity"] = heldout_perplexity(model, tokenizer)
+        result["perplexity"] = heldout_perplexity(model, tokenizer).to_dict()
     if args.scale_heal_tokens:  # the model is packed by now (healed or not)
         result["perplexity_packed"] = result["perplexity"]
         start = time.time()
@@ -96,7 +89,7 @@ def main() -> None:
                                   eval_tokens=1024, **checkpoints)  # fmt: skip
         scale_healed = bondcut.heal(model, tokenizer, scale_config, **checkpoint_of("scales"))
         result.update(scale_heal_s=time.time() - start, scale_heal=scale_healed.to_dict())
-        result["perplexity"] = heldout_perplexity(model, tokenizer)
+        result["perplexity"] = heldout_perplexity(model, tokenizer).to_dict()
     bondcut.save(model, args.out, tokenizer=tokenizer, overwrite=True)
     result.update(disk_bytes=directory_weight_bytes(args.out), removed_blocks=report.joint["removed_blocks"],
                   embedding_bits=report.joint["embedding_bits"], joint=report.joint, plan=report.plan)  # fmt: skip

@@ -18,13 +18,8 @@ from _common import base_parser, environment, write_json
 
 from bondcut import load, save
 from bondcut.architectures import targets_of
-from bondcut.corpus import split_text
-from bondcut.perplexity import perplexity
+from bondcut.perplexity import heldout_perplexity
 from bondcut.refit import refit_sequential
-
-
-def held_out_perplexity(model, tokenizer, tokens: int) -> float:
-    return perplexity(model, tokenizer, split_text("heldout", genres="a"), 512, 256, max_tokens=tokens).perplexity
 
 
 def main() -> None:
@@ -39,13 +34,13 @@ def main() -> None:
     model, tokenizer = load(args.compressed)
     original, _ = load(args.model)
     names = [t.name for t in targets_of(original)]
-    before = held_out_perplexity(model, tokenizer, args.eval_tokens)
-    reference = held_out_perplexity(original, tokenizer, args.eval_tokens)
+    before = heldout_perplexity(model, tokenizer, args.eval_tokens).perplexity
+    reference = heldout_perplexity(original, tokenizer, args.eval_tokens).perplexity
     start = time.perf_counter()
     refit = refit_sequential(model, original, tokenizer, names, tokens=args.tokens, dense=args.dense,
                              on_block=lambda done, total: print(f"block {done}/{total}", flush=True))  # fmt: skip
     seconds = time.perf_counter() - start
-    after = held_out_perplexity(model, tokenizer, args.eval_tokens)
+    after = heldout_perplexity(model, tokenizer, args.eval_tokens).perplexity
     if args.save:
         save(model, args.save, tokenizer)
     result = {

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bondcut.perplexity import PerplexityResult, perplexity, windows
+from bondcut.perplexity import PerplexityResult, heldout_perplexity, perplexity, windows
 
 
 def _ids(tokenizer, text, n):
@@ -42,6 +42,15 @@ def test_trained_model_perplexity_on_heldout_press(trained_model, heldout_text):
         "stride": 128,
     }
     assert math.isclose(math.exp(result.nll), result.perplexity)
+
+
+def test_heldout_perplexity_is_the_press_text_at_context_512_stride_256(trained_model, heldout_text):
+    model, tokenizer = trained_model
+    figure = heldout_perplexity(model, tokenizer, max_tokens=600)
+    assert (figure.context, figure.stride, figure.tokens_scored) == (512, 256, 599)
+    assert figure == perplexity(model, tokenizer, heldout_text, context=512, stride=256, max_tokens=600)
+    other_genre = heldout_perplexity(model, tokenizer, max_tokens=600, genres="j")
+    assert other_genre.perplexity != figure.perplexity
 
 
 def test_random_weights_perplexity_is_huge(trained_model, heldout_text):

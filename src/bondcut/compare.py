@@ -202,15 +202,13 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, targe
 
 
 def _quality(model: nn.Module, tokenizer, config: CompareConfig, tasks: bool) -> dict:
-    from .corpus import split_text
     from .evaluate import generate_greedy
-    from .perplexity import perplexity
+    from .perplexity import heldout_perplexity
     from .quant.kernels import packed_kernels
     from .zeroshot import zero_shot
 
     with packed_kernels(False):  # the stored model's quality: exact dequantization (kernels are for speed)
-        ppl = perplexity(model, tokenizer, split_text("heldout", genres="a"), context=512, stride=256,
-                         max_tokens=config.eval_tokens)  # fmt: skip
+        ppl = heldout_perplexity(model, tokenizer, max_tokens=config.eval_tokens)
         out = {"perplexity": ppl.to_dict()}
         if tasks:
             out["generation"] = next(iter(generate_greedy(model, tokenizer, max_new_tokens=16).values()))

@@ -366,14 +366,13 @@ def _gradient_sync(accelerator, model: nn.Module, sync: bool, sharded: bool):
 def _evaluate(accelerator, model: nn.Module, tokenizer, step: int, tokens: int, sharded: bool = False) -> dict:
     """Held-out perplexity (context 512, stride 256) on the main process; the others wait (or, sharded, take part
     in every forward and drop the figure)."""
-    from .corpus import split_text
-    from .perplexity import perplexity
+    from .perplexity import heldout_perplexity
 
     result = {}
     if sharded or accelerator.is_main_process:
         net = model if sharded else accelerator.unwrap_model(model)
         net.eval()
-        ppl = perplexity(net, tokenizer, split_text("heldout", genres="a"), context=512, stride=256, max_tokens=tokens)
+        ppl = heldout_perplexity(net, tokenizer, max_tokens=tokens)
         result = {"step": step, **ppl.to_dict()} if accelerator.is_main_process else {}
     if not sharded:
         accelerator.wait_for_everyone()

@@ -136,3 +136,23 @@ def perplexity(
         model.train(was_training)
     nll = nll_sum / scored
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens_scored=scored, context=context, stride=stride)
+
+
+HELDOUT_CONTEXT = 512
+HELDOUT_STRIDE = 256
+
+
+def heldout_perplexity(
+    model,
+    tokenizer,
+    max_tokens: int | None = 8192,
+    genres: str = "a",
+    on_window: Callable[[int, int], None] | None = None,
+) -> PerplexityResult:
+    """bondcut's held-out figure, the one every table and curve reports: the first ``max_tokens`` tokens of the
+    Brown corpus's held-out files of ``genres`` (default press reportage), context 512, stride 256."""
+    from .corpus import split_text
+
+    text = split_text("heldout", genres=genres)
+    return perplexity(model, tokenizer, text, HELDOUT_CONTEXT, HELDOUT_STRIDE, max_tokens=max_tokens,
+                      on_window=on_window)  # fmt: skip
