@@ -56,6 +56,22 @@ def test_error_does_not_increase_with_chi(sites, seed):
     assert errors[-1] < 1e-8
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(SMALL_DIMS, SMALL_DIMS), min_size=2, max_size=3), st.integers(1, 6), st.integers(0, 10**6))
+def test_padding_bonds_keeps_the_operator(sites, extra, seed):
+    torch.manual_seed(seed)
+    m = int(torch.tensor([a for a, _ in sites]).prod())
+    n = int(torch.tensor([b for _, b in sites]).prod())
+    assume(m * n <= 40_000)
+    mpo = decompose(torch.randn(m, n, dtype=torch.float64), sites=sites, chi=3)
+    wider = [b + extra for b in mpo.bond_dims]
+    padded = mpo.padded_to(wider)
+    assert padded.bond_dims == tuple(wider) and padded.sites == mpo.sites
+    torch.testing.assert_close(padded.to_dense(), mpo.to_dense())
+    with pytest.raises(ValueError, match="widen"):
+        mpo.padded_to([max(1, b - 1) for b in mpo.bond_dims] if max(mpo.bond_dims) > 1 else [0] * len(wider))
+
+
 def test_lowrank_layout_is_the_optimal_truncated_svd():
     torch.manual_seed(1)
     w = torch.randn(40, 30, dtype=torch.float64)

@@ -120,10 +120,9 @@ def _refit_layer(model: nn.Module, name: str, weight: torch.Tensor, cross, gram,
     if isinstance(layer, MPOLinear):
         mpo = decompose_whitened(target.to(weight.dtype), gram, sites=layer.sites, chi=list(layer.bond_dims))
         bias = None if layer.bias is None else layer.bias.detach()
-        new = MPOLinear.from_mpo(mpo, bias=bias, source_kind=layer.source_kind)
-        if new.sites == layer.sites and new.bond_dims == layer.bond_dims:
-            new.set_merge(layer.merge)
-            set_submodule(model, name, new)
+        new = MPOLinear.from_mpo(mpo.padded_to(layer.bond_dims), bias=bias, source_kind=layer.source_kind)
+        new.set_merge(layer.merge)
+        set_submodule(model, name, new)
     else:
         with torch.no_grad():
             dense_weight(layer).copy_(target.to(weight.dtype))

@@ -48,6 +48,20 @@ class MPO:
         """Multiply the cores back out to the (m x n) matrix (tests and export only)."""
         return cores_to_dense(self.cores)
 
+    def padded_to(self, bond_dims: Sequence[int]) -> MPO:
+        """The same operator with each bond widened to ``bond_dims`` by zero slices, so it fits a layer of that
+        shape (a rank-deficient matrix's TT-SVD can come out with smaller bonds than asked for)."""
+        if len(bond_dims) != len(self.bond_dims) or any(b < a for a, b in zip(self.bond_dims, bond_dims)):
+            raise ValueError(f"can only widen bonds {list(self.bond_dims)} to as many at least as wide, "
+                             f"got {list(bond_dims)}")  # fmt: skip
+        bonds = [1, *bond_dims, 1]
+        cores = []
+        for i, core in enumerate(self.cores):
+            wide = core.new_zeros(bonds[i], core.shape[1], core.shape[2], bonds[i + 1])
+            wide[: core.shape[0], :, :, : core.shape[3]] = core
+            cores.append(wide)
+        return MPO(cores=cores, discarded=list(self.discarded))
+
     def __repr__(self) -> str:
         m, n = self.shape
         return (
