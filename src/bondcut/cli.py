@@ -507,6 +507,9 @@ def heal_command(
         bool, typer.Option(help="under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP")
     ] = False,
     seed: Annotated[int, typer.Option(help="data order")] = 0,
+    first_batch: Annotated[
+        int, typer.Option(help="batches of the data order to skip: continue a pass an earlier heal began")
+    ] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """Retrain a compressed model briefly (LM loss and/or distillation); resumable; DDP or FSDP under torchrun."""
@@ -522,7 +525,8 @@ def heal_command(
                             rest_lr=rest_lr, train=train, distill=distill if teacher else 0.0, temperature=temperature,
                             teacher_top_k=teacher_top_k,
                             eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
-                            gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, seed=seed)  # fmt: skip
+                            gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, seed=seed,
+                            first_batch=first_batch)  # fmt: skip
     except ValueError as err:
         _fail(str(err))
     net, tokenizer = _load(model, _resolve(model))

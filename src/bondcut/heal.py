@@ -63,6 +63,8 @@ class HealConfig:
         gradient_checkpointing: recompute activations in backward (less memory, ~30 % more time).
         fsdp: under several processes, shard with FSDP2 (per transformer block, then the rest) instead of DDP.
         seed: data order and any randomness.
+        first_batch: batches of the seeded order to skip, so a heal that continues a pass an earlier one began
+            (compression in stages, healing after each) trains on new sequences, not the same first ones again.
     """
 
     tokens: int = 262_144
@@ -85,6 +87,7 @@ class HealConfig:
     gradient_checkpointing: bool = False
     fsdp: bool = False
     seed: int = 0
+    first_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_CHOICES:
@@ -97,6 +100,8 @@ class HealConfig:
         if self.rest_lr is not None and (self.rest_lr <= 0 or self.train != "all"):
             raise ValueError(f"rest_lr must be positive and only applies with train='all' (it sets the learning "
                              f"rate of the non-MPO parameters), got rest_lr={self.rest_lr}, train={self.train!r}")  # fmt: skip
+        if self.first_batch < 0:
+            raise ValueError(f"first_batch must be >= 0 (batches of the data order to skip), got {self.first_batch}")
         if min(self.tokens, self.seq_len, self.batch_size, self.micro_batch) < 1 or self.lr <= 0:
             raise ValueError("tokens, seq_len, batch_size, micro_batch and lr must be positive; "
                              "e.g. HealConfig(tokens=262144, seq_len=256, batch_size=8)")  # fmt: skip
@@ -213,7 +218,8 @@ def heal(
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch x processes "
                          f"({config.micro_batch} x {world})")  # fmt: skip
     accumulation = config.batch_size // (config.micro_batch * world)
-    stream = SequenceStream(split_token_ids(tokenizer, "train"), config.seq_len, config.batch_size, config.seed)
+    stream = SequenceStream(split_token_ids(tokenizer, "train"), config.seq_len, config.batch_size, config.seed,
+                            config.first_batch)  # fmt: skip
     params = trainable_parameters(model, config.train)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

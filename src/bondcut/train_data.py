@@ -37,14 +37,14 @@ def split_token_ids(tokenizer, split: str = "train") -> np.ndarray:
 class SequenceStream:
     """Fixed-length sequences of a token array in a seeded order; ``batch(step)`` is deterministic."""
 
-    def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int = 0, first_batch: int = 0) -> None:
         if seq_len < 2 or batch_size < 1:
             raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
         self.sequences = torch.from_numpy(ids[: len(ids) // seq_len * seq_len].astype(np.int64)).reshape(-1, seq_len)
         if len(self.sequences) < batch_size:
             raise ValueError(f"the text has {len(self.sequences)} sequences of {seq_len} tokens, fewer than a batch "
                              f"of {batch_size}; lower --seq-len or --batch-size")  # fmt: skip
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.first_batch = batch_size, seed, first_batch
 
     @property
     def tokens_per_pass(self) -> int:
@@ -56,11 +56,12 @@ class SequenceStream:
         return torch.randperm(len(self.sequences), generator=generator)
 
     def rows(self, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-        """Indices into ``sequences`` of this process's part of step ``step``'s global batch: every world-th."""
+        """Indices into ``sequences`` of this process's part of step ``step``'s global batch: every world-th.
+        Step 0 is batch ``first_batch`` of the seeded order."""
         if self.batch_size % world:
             raise ValueError(f"batch size {self.batch_size} does not split over {world} processes")
         per_epoch = len(self.sequences) // self.batch_size
-        epoch, offset = divmod(step, per_epoch)
+        epoch, offset = divmod(step + self.first_batch, per_epoch)
         return self._order(epoch)[offset * self.batch_size : (offset + 1) * self.batch_size][rank::world]
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
