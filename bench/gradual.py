@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=64, help="steps between held-out checks in each stage")
     args = parser.parse_args()
     shares = [float(s) for s in args.shares.split(",")]
     if len(shares) != args.stages or abs(sum(shares) - 1) > 1e-6:
@@ -88,7 +89,7 @@ def main() -> None:
         steps = round(share * args.tokens / per_step)
         heal_config = HealConfig(tokens=steps * per_step, seq_len=args.seq_len, batch_size=args.batch_size,
                                  micro_batch=args.micro_batch, lr=args.lr, train="mpo", checkpoint_every=16,
-                                 first_batch=first_batch)  # fmt: skip
+                                 eval_every=args.eval_every, first_batch=first_batch)  # fmt: skip
         first_batch += steps
         if (done / "stage.json").exists():
             model, tokenizer = bondcut.load(done)
