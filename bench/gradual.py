@@ -23,9 +23,9 @@ from _common import base_parser, environment, write_json
 import bondcut
 from bondcut import CompressConfig, HealConfig
 from bondcut.mpo import chi_for_fraction
-from bondcut.mpo_linear import MPOLinear
 from bondcut.perplexity import heldout_perplexity
-from bondcut.surgery import linear_with_weight, set_submodule
+from bondcut.serialization import export_dense
+from bondcut.surgery import break_even_chi
 
 
 def final_plan(plan_dir: Path) -> tuple[dict[str, dict], str]:
@@ -47,17 +47,9 @@ def stage_chis(plan: dict[str, dict], stage: int, stages: int) -> dict[str, int]
         share = 1 - (1 - entry["params"] / entry["dense_params"]) * stage / stages
         sites = tuple(tuple(s) for s in entry["sites"])
         chi = chi_for_fraction(sites, share)
-        if chi_for_fraction(sites, 1.0) > chi:  # saves something: compress now
+        if break_even_chi(sites) > chi:  # saves something: compress now
             chis[name] = chi
     return chis
-
-
-def densify(model: torch.nn.Module) -> None:
-    """Replace every MPO layer by the dense layer it represents, to decompose it again at a smaller chi."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MPOLinear):
-            bias = None if module.bias is None else module.bias.detach()
-            set_submodule(model, name, linear_with_weight(module.to_dense().detach(), bias))
 
 
 def main() -> None:
@@ -97,7 +89,7 @@ def main() -> None:
             continue
         chis = stage_chis(plan, stage, args.stages)
         start = time.perf_counter()
-        densify(model)
+        export_dense(model)  # each MPO layer back to the dense matrix it represents, to decompose at a smaller chi
         config = CompressConfig(chi=chis, include=list(chis), sites=sites, calibration_tokens=args.calib_tokens,
                                 allocation="uniform")  # fmt: skip
         report = bondcut.compress(model, config, tokenizer=tokenizer)
