@@ -58,6 +58,18 @@ def test_rest_lr_steps_the_dense_parameters_at_their_own_rate(compressed_dir):
     assert max(float((after[n] - p).abs().max()) for n, p in rest.items()) < 1e-6
 
 
+def test_both_gauges_start_from_the_same_model_and_both_heal(compressed_dir):
+    """Regauging changes what the optimizer sees, not the model: step 0 scores the same either way."""
+    results = {}
+    for gauge in ("balanced", "canonical"):
+        model, tokenizer = bondcut.load(compressed_dir)
+        results[gauge] = heal(model, tokenizer, HealConfig(**SMALL, gauge=gauge)).evals
+    assert results["balanced"][0]["perplexity"] == pytest.approx(results["canonical"][0]["perplexity"], rel=1e-4)
+    for evals in results.values():
+        assert evals[-1]["perplexity"] < evals[0]["perplexity"]
+    assert results["balanced"][-1]["perplexity"] != pytest.approx(results["canonical"][-1]["perplexity"], rel=1e-4)
+
+
 def test_distillation_term_is_zero_for_identical_logits_and_the_schedule_warms_up_then_decays():
     logits = torch.randn(2, 5, 11)
     assert float(distillation_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
@@ -140,6 +152,7 @@ def test_two_processes_under_torchrun_give_the_one_process_curve(compressed_dir,
         (["--batch-size", "3", "--micro-batch", "2"], "multiple of micro_batch"),
         (["--tokens", "0"], "must be positive"),
         (["--rest-lr", "1e-5"], "only applies with train='all'"),
+        (["--gauge", "diagonal"], "gauge must be one of"),
     ],
 )
 def test_bad_heal_input_is_a_clear_error(compressed_dir, tmp_path, args, message):

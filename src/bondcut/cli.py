@@ -510,6 +510,13 @@ def heal_command(
     first_batch: Annotated[
         int, typer.Option(help="batches of the data order to skip: continue a pass an earlier heal began")
     ] = 0,
+    gauge: Annotated[
+        str,
+        typer.Option(
+            help="'balanced' (regauge MPO cores so both sides of each bond weigh alike: heals "
+            "faster) or 'canonical' (train the cores as decomposed)"
+        ),
+    ] = "balanced",
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """Retrain a compressed model briefly (LM loss and/or distillation); resumable; DDP or FSDP under torchrun."""
@@ -526,7 +533,7 @@ def heal_command(
                             teacher_top_k=teacher_top_k,
                             eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
                             gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, seed=seed,
-                            first_batch=first_batch)  # fmt: skip
+                            first_batch=first_batch, gauge=gauge)  # fmt: skip
     except ValueError as err:
         _fail(str(err))
     net, tokenizer = _load(model, _resolve(model))

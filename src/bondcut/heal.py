@@ -36,6 +36,7 @@ CHECKPOINT = "checkpoint.pt"
 
 
 TRAIN_CHOICES = ("mpo", "all", "scales")
+GAUGE_CHOICES = ("balanced", "canonical")
 
 
 @dataclass
@@ -65,6 +66,9 @@ class HealConfig:
         seed: data order and any randomness.
         first_batch: batches of the seeded order to skip, so a heal that continues a pass an earlier one began
             (compression in stages, healing after each) trains on new sequences, not the same first ones again.
+        gauge: "balanced" regauges every MPO layer before training so each bond index weighs the same on both of
+            its cores (the operator is unchanged; :mod:`bondcut.mpo.gauge`), "canonical" trains the cores as
+            decomposed (TT-SVD's left-canonical gauge: all the singular values in the last core).
     """
 
     tokens: int = 262_144
@@ -88,6 +92,7 @@ class HealConfig:
     fsdp: bool = False
     seed: int = 0
     first_batch: int = 0
+    gauge: str = "balanced"
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_CHOICES:
@@ -100,6 +105,8 @@ class HealConfig:
         if self.rest_lr is not None and (self.rest_lr <= 0 or self.train != "all"):
             raise ValueError(f"rest_lr must be positive and only applies with train='all' (it sets the learning "
                              f"rate of the non-MPO parameters), got rest_lr={self.rest_lr}, train={self.train!r}")  # fmt: skip
+        if self.gauge not in GAUGE_CHOICES:
+            raise ValueError(f"gauge must be one of {GAUGE_CHOICES}, got {self.gauge!r}")
         if self.first_batch < 0:
             raise ValueError(f"first_batch must be >= 0 (batches of the data order to skip), got {self.first_batch}")
         if min(self.tokens, self.seq_len, self.batch_size, self.micro_batch) < 1 or self.lr <= 0:
@@ -221,6 +228,10 @@ def heal(
     stream = SequenceStream(split_token_ids(tokenizer, "train"), config.seq_len, config.batch_size, config.seed,
                             config.first_batch)  # fmt: skip
     params = trainable_parameters(model, config.train)
+    if config.gauge == "balanced":
+        for module in model.modules():
+            if isinstance(module, MPOLinear):
+                module.balance_gauge()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sharded = config.fsdp and world > 1

@@ -18,7 +18,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .mpo import MPO, Sites, apply_steps, contract, cores_to_dense, merge_cores, plan_contraction, step_matrices
+from .mpo import (
+    MPO,
+    Sites,
+    apply_steps,
+    balance_bonds,
+    contract,
+    cores_to_dense,
+    merge_cores,
+    plan_contraction,
+    step_matrices,
+)
 
 
 class MPOLinear(nn.Module):
@@ -80,6 +90,13 @@ class MPOLinear(nn.Module):
             matrices, plan = self._inference_matrices()
             y = apply_steps(x, matrices, plan, self.in_features, self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def balance_gauge(self) -> None:
+        """Regauge the cores in place so every bond index weighs the same on both sides (same operator; see
+        :mod:`bondcut.mpo.gauge`): the gauge to train in."""
+        with torch.no_grad():
+            for param, core in zip(self.cores, balance_bonds(list(self.cores))):
+                param.copy_(core)
 
     def set_merge(self, merge: Sequence[int]) -> None:
         """Run inference on cores merged in consecutive groups of these sizes, e.g. (2, 1); (k,) is dense."""

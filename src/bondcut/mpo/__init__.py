@@ -2,6 +2,7 @@
 
 from .contract import ContractionPlan, apply_steps, contract, plan_contraction, step_matrices
 from .decompose import MPO, cores_to_dense, decompose, merge_cores
+from .gauge import balance_bonds
 from .sites import (
     SiteLayoutError,
     Sites,
@@ -21,6 +22,7 @@ __all__ = [
     "SiteLayoutError",
     "Sites",
     "apply_steps",
+    "balance_bonds",
     "balanced_sites",
     "bond_dims_for_chi",
     "chi_for_fraction",
