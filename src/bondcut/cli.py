@@ -513,10 +513,10 @@ def heal_command(
     gauge: Annotated[
         str,
         typer.Option(
-            help="'balanced' (regauge MPO cores so both sides of each bond weigh alike: heals "
-            "faster) or 'canonical' (train the cores as decomposed)"
+            help="'canonical' (train the cores as decomposed) or 'balanced' (regauge the MPO cores so both sides "
+            "of each bond weigh alike: ahead early in a pass, behind at its end)"
         ),
-    ] = "balanced",
+    ] = "canonical",
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """Retrain a compressed model briefly (LM loss and/or distillation); resumable; DDP or FSDP under torchrun."""

@@ -66,9 +66,10 @@ class HealConfig:
         seed: data order and any randomness.
         first_batch: batches of the seeded order to skip, so a heal that continues a pass an earlier one began
             (compression in stages, healing after each) trains on new sequences, not the same first ones again.
-        gauge: "balanced" regauges every MPO layer before training so each bond index weighs the same on both of
-            its cores (the operator is unchanged; :mod:`bondcut.mpo.gauge`), "canonical" trains the cores as
-            decomposed (TT-SVD's left-canonical gauge: all the singular values in the last core).
+        gauge: "canonical" trains the cores as decomposed (TT-SVD's left-canonical gauge: all the singular values
+            in the last core); "balanced" regauges every MPO layer first so each bond index weighs the same on both
+            of its cores (the operator is unchanged; :mod:`bondcut.mpo.gauge`): ahead early in a pass, behind at
+            its end (README, healing section).
     """
 
     tokens: int = 262_144
@@ -92,7 +93,7 @@ class HealConfig:
     fsdp: bool = False
     seed: int = 0
     first_batch: int = 0
-    gauge: str = "balanced"
+    gauge: str = "canonical"
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_CHOICES:

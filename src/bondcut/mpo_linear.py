@@ -93,7 +93,7 @@ class MPOLinear(nn.Module):
 
     def balance_gauge(self) -> None:
         """Regauge the cores in place so every bond index weighs the same on both sides (same operator; see
-        :mod:`bondcut.mpo.gauge`): the gauge to train in."""
+        :mod:`bondcut.mpo.gauge`)."""
         with torch.no_grad():
             for param, core in zip(self.cores, balance_bonds(list(self.cores))):
                 param.copy_(core)
