@@ -514,7 +514,7 @@ def heal_command(
         str,
         typer.Option(
             help="'canonical' (train the cores as decomposed) or 'balanced' (regauge the MPO cores so both sides "
-            "of each bond weigh alike: ahead early in a pass, behind at its end)"
+            "of each bond weigh alike; measured: ahead early in a pass, behind at its end)"
         ),
     ] = "canonical",
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,

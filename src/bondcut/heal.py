@@ -68,8 +68,8 @@ class HealConfig:
             (compression in stages, healing after each) trains on new sequences, not the same first ones again.
         gauge: "canonical" trains the cores as decomposed (TT-SVD's left-canonical gauge: all the singular values
             in the last core); "balanced" regauges every MPO layer first so each bond index weighs the same on both
-            of its cores (the operator is unchanged; :mod:`bondcut.mpo.gauge`): ahead early in a pass, behind at
-            its end (README, healing section).
+            of its cores (the operator is unchanged; :mod:`bondcut.mpo.gauge`): measured ahead early in a pass but
+            behind at its end (README, healing section).
     """
 
     tokens: int = 262_144

@@ -6,8 +6,8 @@ values in the last one), which for a low-rank layer means U (entries ~1/sqrt(m))
 Adam moves every entry by about the same step, so in that gauge the left core changes many times faster, relative
 to its size, than the right one. The balanced gauge is the diagonal gauge of least total squared norm: at its
 optimum every bond index has equal norms on both sides (U sqrt(S), sqrt(S) V^T for a plain SVD). Measured on
-SmolLM2-135M at 30 % (README, healing section), it heals faster for the first half of a pass and ends the pass
-behind the canonical gauge, so healing keeps the canonical gauge unless asked.
+SmolLM2-135M (README, healing section): at 30 % it heals faster for the first half of a pass and ends the pass
+behind the canonical gauge; at 50 % it is behind over a quarter pass. Healing keeps the canonical gauge unless asked.
 """
 
 from __future__ import annotations
