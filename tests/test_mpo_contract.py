@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from mpo_helpers import random_weight
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bondcut.mpo import balanced_sites, decompose, lowrank_sites, plan_contraction
@@ -24,11 +25,8 @@ DIMS = st.sampled_from([1, 2, 3, 4, 5, 6, 8])
     st.integers(0, 10**6),
 )
 def test_forward_equals_dense_reference(sites, chi, lead, bias, seed):
-    m = math.prod(a for a, _ in sites)
-    n = math.prod(b for _, b in sites)
-    assume(m * n <= 50_000)
-    torch.manual_seed(seed)
-    w = torch.randn(m, n, dtype=torch.float64)
+    w = random_weight(sites, seed, max_entries=50_000)
+    m, n = w.shape
     b = torch.randn(m, dtype=torch.float64) if bias else None
     layer = MPOLinear.from_mpo(decompose(w, sites=sites, chi=chi), bias=b)
     x = torch.randn(*lead, n, dtype=torch.float64)

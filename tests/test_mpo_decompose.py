@@ -2,21 +2,13 @@
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from mpo_helpers import random_weight
 
 from bondcut.mpo import decompose, lowrank_sites
 
 SMALL_DIMS = st.sampled_from([2, 3, 4, 6, 8, 9, 12, 16])
-
-
-def _random_weight(sites, seed: int) -> torch.Tensor:
-    """A float64 Gaussian matrix of the sites' shape; hypothesis skips shapes too big for millisecond SVDs."""
-    torch.manual_seed(seed)
-    m = int(torch.tensor([a for a, _ in sites]).prod())
-    n = int(torch.tensor([b for _, b in sites]).prod())
-    assume(m * n <= 40_000)
-    return torch.randn(m, n, dtype=torch.float64)
 
 
 def _rel_err(w, what):
@@ -42,7 +34,7 @@ def test_full_chi_reconstructs_trained_weights(trained_model):
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(SMALL_DIMS, SMALL_DIMS), min_size=2, max_size=3), st.integers(1, 40), st.integers(0, 10**6))
 def test_recorded_truncation_error_equals_frobenius_error(sites, chi, seed):
-    w = _random_weight(sites, seed)
+    w = random_weight(sites, seed, max_entries=40_000)
     mpo = decompose(w, sites=sites, chi=chi)
     actual = float(torch.linalg.norm(w - mpo.to_dense()))
     assert mpo.truncation_error == pytest.approx(actual, rel=1e-6, abs=1e-9)
@@ -51,7 +43,7 @@ def test_recorded_truncation_error_equals_frobenius_error(sites, chi, seed):
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(SMALL_DIMS, SMALL_DIMS), min_size=2, max_size=3), st.integers(0, 10**6))
 def test_error_does_not_increase_with_chi(sites, seed):
-    w = _random_weight(sites, seed)
+    w = random_weight(sites, seed, max_entries=40_000)
     errors = [decompose(w, sites=sites, chi=chi).truncation_error for chi in (1, 2, 4, 8, 16, 32, 10**6)]
     assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:]))
     assert errors[-1] < 1e-8
@@ -60,7 +52,7 @@ def test_error_does_not_increase_with_chi(sites, seed):
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(SMALL_DIMS, SMALL_DIMS), min_size=2, max_size=3), st.integers(1, 6), st.integers(0, 10**6))
 def test_padding_bonds_keeps_the_operator(sites, extra, seed):
-    mpo = decompose(_random_weight(sites, seed), sites=sites, chi=3)
+    mpo = decompose(random_weight(sites, seed, max_entries=40_000), sites=sites, chi=3)
     wider = [b + extra for b in mpo.bond_dims]
     padded = mpo.padded_to(wider)
     assert padded.bond_dims == tuple(wider) and padded.sites == mpo.sites

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from mpo_helpers import random_weight
 
 from bondcut.mpo import balance_bonds, cores_to_dense, decompose
 from bondcut.mpo.gauge import bond_norms
@@ -15,11 +16,7 @@ SMALL_DIMS = st.sampled_from([1, 2, 3, 4, 6, 8])
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(SMALL_DIMS, SMALL_DIMS), min_size=2, max_size=4), st.integers(1, 12), st.integers(0, 10**6))
 def test_balancing_keeps_the_operator_and_balances_every_bond(sites, chi, seed):
-    torch.manual_seed(seed)
-    m = int(torch.tensor([a for a, _ in sites]).prod())
-    n = int(torch.tensor([b for _, b in sites]).prod())
-    assume(m * n <= 20_000)
-    mpo = decompose(torch.randn(m, n, dtype=torch.float64), sites=sites, chi=chi)
+    mpo = decompose(random_weight(sites, seed, max_entries=20_000), sites=sites, chi=chi)
     balanced = balance_bonds(mpo.cores)
     assert torch.allclose(cores_to_dense(balanced), mpo.to_dense(), atol=1e-10)
     for bond in range(len(balanced) - 1):

@@ -39,7 +39,7 @@ def balance_bonds(
             left, right = bond_norms(out, i)
             live = (left > eps) & (right > eps)
             gain = torch.where(live, (right.clamp_min(eps) / left.clamp_min(eps)).sqrt(), torch.ones_like(left))
-            worst = max(worst, float((gain.log().abs().max() if live.any() else gain.new_zeros(())).item()))
+            worst = max(worst, float(gain.log().abs().max()))  # dead indices have gain 1: log 0
             out[i] = out[i] * gain
             out[i + 1] = out[i + 1] / gain[:, None, None, None]
         if worst < tol / 2:  # gain^2 is the norm ratio
