@@ -517,6 +517,16 @@ def heal_command(
             "of each bond weigh alike; measured: ahead early in a pass, behind at its end)"
         ),
     ] = "canonical",
+    quant_bits: Annotated[
+        int,
+        typer.Option(
+            help="8 or 4: train the MPO cores through their rounding to that width (quantization-aware) and save "
+            "them packed; 0 = float cores"
+        ),
+    ] = 0,
+    quant_group_size: Annotated[
+        int, typer.Option(help="with --quant-bits: core entries sharing one fp16 scale and offset")
+    ] = 64,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """Retrain a compressed model briefly (LM loss and/or distillation); resumable; DDP or FSDP under torchrun."""
@@ -533,7 +543,8 @@ def heal_command(
                             teacher_top_k=teacher_top_k,
                             eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
                             gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, seed=seed,
-                            first_batch=first_batch, gauge=gauge)  # fmt: skip
+                            first_batch=first_batch, gauge=gauge, quant_bits=quant_bits,
+                            quant_group=quant_group_size)  # fmt: skip
     except ValueError as err:
         _fail(str(err))
     net, tokenizer = _load(model, _resolve(model))

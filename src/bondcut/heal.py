@@ -70,6 +70,9 @@ class HealConfig:
             in the last core); "balanced" regauges every MPO layer first so each bond index weighs the same on both
             of its cores (the operator is unchanged; :mod:`bondcut.mpo.gauge`): measured ahead early in a pass but
             behind at its end (README, healing section).
+        quant_bits: 0 trains float cores; 8 or 4 trains them through the rounding packing will apply (group-wise,
+            ``quant_group`` entries per fp16 scale and offset; straight-through gradients, :mod:`bondcut.quant.aware`)
+            and packs them when done, so the healed model is stored at that width without a lossy packing step.
     """
 
     tokens: int = 262_144
@@ -94,6 +97,8 @@ class HealConfig:
     seed: int = 0
     first_batch: int = 0
     gauge: str = "canonical"
+    quant_bits: int = 0
+    quant_group: int = 64
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_CHOICES:
@@ -108,6 +113,13 @@ class HealConfig:
                              f"rate of the non-MPO parameters), got rest_lr={self.rest_lr}, train={self.train!r}")  # fmt: skip
         if self.gauge not in GAUGE_CHOICES:
             raise ValueError(f"gauge must be one of {GAUGE_CHOICES}, got {self.gauge!r}")
+        if self.quant_bits:
+            from .quant.packing import check_bits
+
+            check_bits(self.quant_bits, self.quant_group)
+            if self.train == "scales" or self.fsdp:
+                raise ValueError("quantization-aware healing (quant_bits) trains float MPO cores on one grid per "
+                                 "core: it does not combine with train='scales' or fsdp")  # fmt: skip
         if self.first_batch < 0:
             raise ValueError(f"first_batch must be >= 0 (batches of the data order to skip), got {self.first_batch}")
         if min(self.tokens, self.seq_len, self.batch_size, self.micro_batch) < 1 or self.lr <= 0:
@@ -233,6 +245,10 @@ def heal(
         for module in model.modules():
             if isinstance(module, MPOLinear):
                 module.balance_gauge()
+    if config.quant_bits:
+        from .quant.aware import make_cores_quant_aware
+
+        make_cores_quant_aware(model, config.quant_bits, config.quant_group)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sharded = config.fsdp and world > 1
@@ -306,6 +322,10 @@ def heal(
         model.gradient_checkpointing_disable()
     model.requires_grad_(False)
     store_trained_ranges(model)
+    if config.quant_bits:  # the last evaluation saw the rounded cores: packing them changes nothing
+        from .quant.aware import pack_quant_aware_cores
+
+        pack_quant_aware_cores(model, config.quant_bits, config.quant_group)
     model.eval()
     return result
 

@@ -131,8 +131,7 @@ def quantize_model(
                 packed = quantize_low_rank_aware(list(module.cores), gram, config.bits, group, config.damping)
             else:
                 packed = [quantize(c, config.bits, group) for c in module.cores]
-            swap("mpo_cores", name, module, QuantMPOLinear(module.sites, module.bond_dims, packed, module.bias,
-                                                           module.source_kind, module.cores[0].dtype))  # fmt: skip
+            swap("mpo_cores", name, module, QuantMPOLinear.from_layer(module, packed))
 
     if config.embeddings and isinstance(embedding, nn.Embedding):
         weight = embedding.weight

@@ -232,6 +232,11 @@ class QuantMPOLinear(nn.Module):
         self.plan = plan_contraction(self.sites, self.bond_dims)
 
     @classmethod
+    def from_layer(cls, layer: nn.Module, cores: list[PackedTensor]) -> QuantMPOLinear:
+        """The packed counterpart of the ``MPOLinear`` ``layer``, holding its cores as ``cores``."""
+        return cls(layer.sites, layer.bond_dims, cores, layer.bias, layer.source_kind, layer.cores[0].dtype)
+
+    @classmethod
     def empty(cls, layout: dict, dtype: torch.dtype, device=None) -> QuantMPOLinear:
         ranks = (1, *layout["bond_dims"], 1)
         shapes = [(ranks[i], m, n, ranks[i + 1]) for i, (m, n) in enumerate(layout["sites"])]

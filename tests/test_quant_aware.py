@@ -1,0 +1,101 @@
+"""Quantization-aware healing: the fake rounding equals packing exactly, passes gradients straight through, and
+a model healed that way is stored packed with the perplexity its last evaluation measured (nothing lost at packing)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import bondcut
+from bondcut import MPOLinear
+from bondcut.cli import app
+from bondcut.perplexity import heldout_perplexity
+from bondcut.quant.aware import fake_quantize, make_cores_quant_aware, pack_quant_aware_cores
+from bondcut.quant.modules import QuantMPOLinear
+from bondcut.quant.packing import dequantize, quantize
+
+runner = CliRunner()
+shapes = st.lists(st.integers(1, 12), min_size=1, max_size=4).filter(lambda s: math.prod(s) <= 3000)
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape=shapes, bits=st.sampled_from([8, 4]), group=st.sampled_from([2, 16, 64]), seed=st.integers(0, 999))
+def test_fake_rounding_is_exactly_what_packing_stores_and_its_gradient_is_the_identity(shape, bits, group, seed):
+    weight = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2).requires_grad_(True)
+    seen = fake_quantize(weight, bits, group)
+    assert torch.equal(seen.detach(), dequantize(quantize(weight.detach(), bits, group)))
+    upstream = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+    seen.backward(upstream)
+    assert torch.equal(weight.grad, upstream)
+
+
+def test_cores_train_through_their_rounding_and_pack_to_the_same_outputs():
+    torch.manual_seed(0)
+    layer = MPOLinear([(4, 6), (8, 5)], [7])
+    for core in layer.cores:
+        torch.nn.init.normal_(core)
+    model = torch.nn.Sequential(layer)
+    trained = list(layer.parameters())
+    assert make_cores_quant_aware(model, 4, 16) == 2
+    assert list(layer.parameters()) == trained  # the float cores themselves still train
+    x = torch.randn(3, 30)
+    model(x).square().sum().backward()
+    assert all(p.grad is not None for p in trained)
+    with torch.no_grad():
+        rounded = model(x)
+        float_cores = [layer.cores.parametrizations[str(i)].original.detach().clone() for i in range(2)]
+        unrounded = torch.nn.functional.linear(x, bondcut.mpo.cores_to_dense(float_cores), layer.bias)
+    pack_quant_aware_cores(model, 4, 16)
+    assert isinstance(model[0], QuantMPOLinear)
+    with torch.no_grad():
+        packed = model(x)
+    torch.testing.assert_close(packed, rounded, atol=1e-5, rtol=1e-5)
+    assert (packed - unrounded).abs().max() > 1e-2  # int4 rounding is visible: the test can tell the two apart
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory, trained_model):
+    """Block 1's MLP at chi 16 on the trained model."""
+    import copy
+
+    model, tokenizer = trained_model
+    compressed = copy.deepcopy(model)
+    bondcut.compress(compressed, bondcut.CompressConfig(chi=16, sites="lowrank", include=["re:layers\\.1\\.mlp\\."]))
+    return bondcut.save(compressed, tmp_path_factory.mktemp("qat") / "m16", tokenizer=tokenizer)
+
+
+def test_cli_quant_aware_heal_saves_packed_cores_that_score_what_training_measured(compressed_dir, tmp_path):
+    out = tmp_path / "healed-int4"
+    args = ["heal", str(compressed_dir), "--out", str(out), "--tokens", str(64 * 4 * 6), "--seq-len", "64",
+            "--batch-size", "4", "--micro-batch", "2", "--lr", "3e-4", "--eval-tokens", "512",
+            "--quant-bits", "4", "--quant-group-size", "32"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    evals = json.loads((out / "heal.json").read_text())["evals"]
+    assert evals[-1]["perplexity"] < evals[0]["perplexity"]
+    model, tokenizer = bondcut.load(out)
+    layers = [m for m in model.modules() if isinstance(m, QuantMPOLinear)]
+    assert len(layers) == 3 and all(m.bits == 4 and m.group_size == 32 for m in layers)
+    assert not any(isinstance(m, MPOLinear) for m in model.modules())
+    packed = heldout_perplexity(model, tokenizer, max_tokens=512).perplexity
+    assert packed == pytest.approx(evals[-1]["perplexity"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--quant-bits", "3"], "bits must be 8 or 4"),
+        (["--quant-bits", "4", "--quant-group-size", "5"], "group_size must be an even number"),
+        (["--quant-bits", "4", "--train", "scales"], "does not combine with train='scales'"),
+    ],
+)
+def test_bad_quant_aware_input_is_a_clear_error(compressed_dir, tmp_path, args, message):
+    result = runner.invoke(app, ["heal", str(compressed_dir), "--out", str(tmp_path / "x"), *args])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "x").exists()
