@@ -16,8 +16,9 @@ import bondcut
 from bondcut import MPOLinear
 from bondcut.cli import app
 from bondcut.perplexity import heldout_perplexity
-from bondcut.quant.aware import fake_quantize, make_cores_quant_aware, pack_quant_aware_cores
-from bondcut.quant.modules import QuantMPOLinear
+from bondcut.quant.aware import fake_quantize, make_quant_aware, pack_quant_aware
+from bondcut.heal import HealConfig, heal
+from bondcut.quant.modules import QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
 from bondcut.quant.packing import dequantize, quantize
 
 runner = CliRunner()
@@ -42,7 +43,7 @@ def test_cores_train_through_their_rounding_and_pack_to_the_same_outputs():
         torch.nn.init.normal_(core)
     model = torch.nn.Sequential(layer)
     trained = list(layer.parameters())
-    assert make_cores_quant_aware(model, 4, 16) == 2
+    assert make_quant_aware(model, 4, 16) == 2
     assert list(layer.parameters()) == trained  # the float cores themselves still train
     x = torch.randn(3, 30)
     model(x).square().sum().backward()
@@ -51,7 +52,7 @@ def test_cores_train_through_their_rounding_and_pack_to_the_same_outputs():
         rounded = model(x)
         float_cores = [layer.cores.parametrizations[str(i)].original.detach().clone() for i in range(2)]
         unrounded = torch.nn.functional.linear(x, bondcut.mpo.cores_to_dense(float_cores), layer.bias)
-    pack_quant_aware_cores(model, 4, 16)
+    pack_quant_aware(model, 4, 16)
     assert isinstance(model[0], QuantMPOLinear)
     with torch.no_grad():
         packed = model(x)
@@ -85,6 +86,22 @@ def test_cli_quant_aware_heal_saves_packed_cores_that_score_what_training_measur
     assert not any(isinstance(m, MPOLinear) for m in model.modules())
     packed = heldout_perplexity(model, tokenizer, max_tokens=512).perplexity
     assert packed == pytest.approx(evals[-1]["perplexity"], rel=1e-4)
+
+
+def test_training_everything_quant_aware_packs_every_layer_on_the_grid_it_trained_on(compressed_dir):
+    """train='all': dense layers, the tied embedding/head and the cores all train through their rounding (two
+    micro-batches per step share one rounding); afterwards everything is packed and scores the last evaluation."""
+    model, tokenizer = bondcut.load(compressed_dir)
+    small = dict(tokens=64 * 4 * 4, seq_len=64, batch_size=4, micro_batch=2, lr=1e-4, eval_tokens=512)
+    result = heal(model, tokenizer, HealConfig(**small, train="all", quant_bits=8, quant_group=64))
+    assert result.evals[-1]["perplexity"] < result.evals[0]["perplexity"]
+    assert result.trainable_params > 100_000_000  # every weight trained, not only the cores
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding, MPOLinear)) for m in model.modules())
+    assert isinstance(model.get_input_embeddings(), QuantEmbedding)
+    assert isinstance(model.get_output_embeddings(), TiedQuantHead)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 30 * 7 - 3
+    packed = heldout_perplexity(model, tokenizer, max_tokens=512).perplexity
+    assert packed == pytest.approx(result.evals[-1]["perplexity"], rel=1e-4)
 
 
 @pytest.mark.parametrize(

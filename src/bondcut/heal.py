@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .mpo_linear import MPOLinear
 
@@ -70,9 +71,10 @@ class HealConfig:
             in the last core); "balanced" regauges every MPO layer first so each bond index weighs the same on both
             of its cores (the operator is unchanged; :mod:`bondcut.mpo.gauge`): measured ahead early in a pass but
             behind at its end (README, healing section).
-        quant_bits: 0 trains float cores; 8 or 4 trains them through the rounding packing will apply (group-wise,
-            ``quant_group`` entries per fp16 scale and offset; straight-through gradients, :mod:`bondcut.quant.aware`)
-            and packs them when done, so the healed model is stored at that width without a lossy packing step.
+        quant_bits: 0 trains float weights; 8 or 4 trains the MPO cores (with train="all", also every dense layer,
+            the embedding and the head) through the rounding packing will apply (group-wise, ``quant_group`` entries
+            per fp16 scale and offset; straight-through gradients, :mod:`bondcut.quant.aware`) and packs them when
+            done, so the healed model is stored at that width without a lossy packing step.
     """
 
     tokens: int = 262_144
@@ -246,9 +248,9 @@ def heal(
             if isinstance(module, MPOLinear):
                 module.balance_gauge()
     if config.quant_bits:
-        from .quant.aware import make_cores_quant_aware
+        from .quant.aware import make_quant_aware
 
-        make_cores_quant_aware(model, config.quant_bits, config.quant_group)
+        make_quant_aware(model, config.quant_bits, config.quant_group, rest=config.train == "all")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sharded = config.fsdp and world > 1
@@ -283,16 +285,18 @@ def heal(
         indices = stream.rows(step, rank, world)
         rows = stream.sequences[indices].to(accelerator.device)  # (batch / world, seq_len)
         total = 0.0
-        for micro in range(accumulation):
-            part = slice(micro * config.micro_batch, (micro + 1) * config.micro_batch)
-            ids = rows[part]
-            sync = micro == accumulation - 1
-            target = teacher if cache is None else cache.top_logits(indices[part], ids)
-            with _gradient_sync(accelerator, wrapped, sync, sharded):
-                with accelerator.autocast():
-                    loss = _loss(wrapped, target, ids, config) / accumulation
-                accelerator.backward(loss)
-            total += float(loss.detach())
+        rounding = parametrize.cached() if config.quant_bits else contextlib.nullcontext()
+        with rounding:  # quantization-aware: each weight is rounded once per step, not once per micro-batch
+            for micro in range(accumulation):
+                part = slice(micro * config.micro_batch, (micro + 1) * config.micro_batch)
+                ids = rows[part]
+                sync = micro == accumulation - 1
+                target = teacher if cache is None else cache.top_logits(indices[part], ids)
+                with _gradient_sync(accelerator, wrapped, sync, sharded):
+                    with accelerator.autocast():
+                        loss = _loss(wrapped, target, ids, config) / accumulation
+                    accelerator.backward(loss)
+                total += float(loss.detach())
         if config.max_grad_norm:
             clip = torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_
             clip(params, config.max_grad_norm)
@@ -323,9 +327,9 @@ def heal(
     model.requires_grad_(False)
     store_trained_ranges(model)
     if config.quant_bits:  # the last evaluation saw the rounded cores: packing them changes nothing
-        from .quant.aware import pack_quant_aware_cores
+        from .quant.aware import pack_quant_aware
 
-        pack_quant_aware_cores(model, config.quant_bits, config.quant_group)
+        pack_quant_aware(model, config.quant_bits, config.quant_group)
     model.eval()
     return result
 

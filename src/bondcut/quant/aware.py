@@ -1,11 +1,12 @@
-"""Quantization-aware healing: MPO cores trained through the int8/int4 rounding that packing will apply.
+"""Quantization-aware healing: weights trained through the int8/int4 rounding that packing will apply.
 
 Healing float cores and packing them afterwards gives back much of what healing won: the rounding error lands on
-a model that never saw it. Here every forward of a trained core uses the values packing will store (the same
+a model that never saw it. Here every forward of a trained core (and, when everything trains, of every weight
+``bondcut quantize`` would pack) uses the values packing will store (the same
 group ranges, :func:`~.packing.fit_ranges`, and codes, :func:`~.packing.codes_for`, as
 :func:`~.packing.quantize`), while gradients pass straight through the rounding to the float cores (the
-straight-through estimator of Bengio et al. 2013, as in LLM-QAT and EfficientQAT). Packing the cores when training
-ends (:func:`pack_quant_aware_cores`) then stores exactly what was trained: the packing step loses nothing.
+straight-through estimator of Bengio et al. 2013, as in LLM-QAT and EfficientQAT). Packing when training ends
+(:func:`pack_quant_aware`) then stores exactly what was trained: the packing step loses nothing.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..mpo_linear import MPOLinear
-from ..surgery import set_submodule
+from ..surgery import dense_weight, is_dense_layer, set_submodule
 from .modules import QuantMPOLinear
-from .packing import check_bits, codes_for, fit_ranges, quantize
+from .packing import check_bits, codes_for, fit_ranges, group_dividing, quantize, row_group
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -48,20 +49,25 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Ten
 
 
 class FakeQuantized(nn.Module):
-    """A parametrization: the tensor seen through its ``bits``-bit group-wise rounding (straight-through)."""
+    """A parametrization: the tensor seen through its ``bits``-bit group-wise rounding (straight-through).
+    ``transposed`` rounds the transpose (a GPT-2 ``Conv1D`` stores W as (in, out); packing rounds (out, in))."""
 
-    def __init__(self, bits: int, group_size: int):
+    def __init__(self, bits: int, group_size: int, transposed: bool = False):
         super().__init__()
         check_bits(bits, group_size)
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.transposed = bits, group_size, transposed
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return fake_quantize(weight.t(), self.bits, self.group_size).t()
         return fake_quantize(weight, self.bits, self.group_size)
 
 
-def make_cores_quant_aware(model: nn.Module, bits: int, group_size: int) -> int:
-    """Parametrize every MPO core of ``model`` with :class:`FakeQuantized`; the float cores stay the trained
-    parameters (same objects, now ``cores.parametrizations.<i>.original``). Returns the number of cores."""
+def make_quant_aware(model: nn.Module, bits: int, group_size: int, rest: bool = False) -> int:
+    """Parametrize every MPO core of ``model`` with :class:`FakeQuantized` and, with ``rest``, every weight that
+    ``bondcut quantize`` would pack (dense Linear layers, the token embedding, the LM head, tied or not), each on the
+    grid packing will use. The float tensors stay the trained parameters (same objects, now
+    ``...parametrizations.<name>.original``). Returns the number of tensors parametrized."""
     check_bits(bits, group_size)
     count = 0
     for module in model.modules():
@@ -70,19 +76,57 @@ def make_cores_quant_aware(model: nn.Module, bits: int, group_size: int) -> int:
             for index in range(len(module.cores)):
                 parametrize.register_parametrization(module.cores, str(index), FakeQuantized(bits, group_size))
                 count += 1
+    if rest:
+        count += _make_rest_quant_aware(model, bits, group_size)
     if not count:
-        raise ValueError("quantization-aware healing trains MPO cores, and this model has none: compress it first")
+        raise ValueError("quantization-aware healing needs MPO cores (compress the model first) or, with "
+                         "train='all', dense layers to round")  # fmt: skip
     return count
 
 
-def pack_quant_aware_cores(model: nn.Module, bits: int, group_size: int) -> None:
-    """End quantization-aware training: drop the parametrizations and pack every MPO layer's float cores on the grid
-    they trained on (the same ranges, round to nearest), so the packed model computes what the trained one did."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, MPOLinear):
+def _make_rest_quant_aware(model: nn.Module, bits: int, group_size: int) -> int:
+    """The dense Linear layers, embedding and head, each with the group size :func:`.apply.quantize_model` uses."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    dense = [m for m in model.modules() if is_dense_layer(m) and m is not head]
+    for module in dense:
+        grid = FakeQuantized(
+            bits, row_group(group_size, dense_weight(module).shape[1]), not isinstance(module, nn.Linear)
+        )
+        parametrize.register_parametrization(module, "weight", grid)
+    count = len(dense)
+    if isinstance(embedding, nn.Embedding):
+        width = embedding.weight.shape[1]
+        grid = group_dividing(width, row_group(group_size, width))
+        tied = head is not None and head.weight is embedding.weight
+        parametrize.register_parametrization(embedding, "weight", FakeQuantized(bits, grid))
+        count += 1
+        if tied:  # the head still holds the float table: round it on the embedding's grid (one parameter, shared)
+            parametrize.register_parametrization(head, "weight", FakeQuantized(bits, grid))
+            return count + 1
+    if head is not None and is_dense_layer(head):
+        width = dense_weight(head).shape[1]
+        parametrize.register_parametrization(head, "weight", FakeQuantized(bits, row_group(group_size, width)))
+        count += 1
+    return count
+
+
+def pack_quant_aware(model: nn.Module, bits: int, group_size: int) -> None:
+    """End quantization-aware training: drop the parametrizations and pack every rounded tensor on the grid it
+    trained on (the same ranges, round to nearest), so the packed model computes what the trained one did."""
+    rounded_rest = False
+    for module in model.modules():
+        holder = module.cores if isinstance(module, MPOLinear) else module
+        if not parametrize.is_parametrized(holder):
             continue
-        if parametrize.is_parametrized(module.cores):
-            for index in range(len(module.cores)):
-                parametrize.remove_parametrizations(module.cores, str(index), leave_parametrized=False)
-        packed = [quantize(core.detach(), bits, group_size) for core in module.cores]
-        set_submodule(model, name, QuantMPOLinear.from_layer(module, packed))
+        for name in list(holder.parametrizations):
+            if isinstance(holder.parametrizations[name][0], FakeQuantized):
+                parametrize.remove_parametrizations(holder, name, leave_parametrized=False)
+                rounded_rest |= holder is module
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MPOLinear):
+            packed = [quantize(core.detach(), bits, group_size) for core in module.cores]
+            set_submodule(model, name, QuantMPOLinear.from_layer(module, packed))
+    if rounded_rest:
+        from .apply import QuantizeConfig, quantize_model
+
+        quantize_model(model, QuantizeConfig(bits=bits, group_size=group_size, cores=False, method="rtn"))
