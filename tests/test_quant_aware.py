@@ -92,7 +92,7 @@ def test_training_everything_quant_aware_packs_every_layer_on_the_grid_it_traine
     """train='all': dense layers, the tied embedding/head and the cores all train through their rounding (two
     micro-batches per step share one rounding); afterwards everything is packed and scores the last evaluation."""
     model, tokenizer = bondcut.load(compressed_dir)
-    small = dict(tokens=64 * 4 * 4, seq_len=64, batch_size=4, micro_batch=2, lr=1e-4, eval_tokens=512)
+    small = dict(tokens=64 * 4 * 2, seq_len=64, batch_size=4, micro_batch=2, lr=1e-4, eval_tokens=512)
     result = heal(model, tokenizer, HealConfig(**small, train="all", quant_bits=8, quant_group=64))
     assert result.evals[-1]["perplexity"] < result.evals[0]["perplexity"]
     assert result.trainable_params > 100_000_000  # every weight trained, not only the cores
