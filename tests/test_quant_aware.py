@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 import bondcut
 from bondcut import MPOLinear
 from bondcut.cli import app
+from bondcut.heal import HealConfig, heal
 from bondcut.perplexity import heldout_perplexity
 from bondcut.quant.aware import fake_quantize, make_quant_aware, pack_quant_aware
-from bondcut.heal import HealConfig, heal
 from bondcut.quant.modules import QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
 from bondcut.quant.packing import dequantize, quantize
 

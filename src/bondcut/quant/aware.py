@@ -11,8 +11,6 @@ straight-through estimator of Bengio et al. 2013, as in LLM-QAT and EfficientQAT
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -20,7 +18,7 @@ from torch.nn.utils import parametrize
 from ..mpo_linear import MPOLinear
 from ..surgery import dense_weight, is_dense_layer, set_submodule
 from .modules import QuantMPOLinear
-from .packing import check_bits, codes_for, fit_ranges, group_dividing, quantize, row_group
+from .packing import check_bits, codes_for, fit_ranges, group_dividing, quantize, row_group, weight_groups
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -38,13 +36,11 @@ class _StraightThrough(torch.autograd.Function):
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """``weight`` as packing and unpacking it would return it, with the gradient of the identity."""
     with torch.no_grad():
-        flat = weight.detach().reshape(-1).float()
-        padded = math.ceil(flat.numel() / group_size) * group_size
-        groups = torch.nn.functional.pad(flat, (0, padded - flat.numel())).view(-1, group_size)  # (G, g)
+        groups = weight_groups(weight, group_size)  # (G, g), as quantize cuts them
         scale, offset = fit_ranges(groups, bits)
         scale, offset = scale.float()[:, None], offset.float()[:, None]
         values = codes_for(groups, scale, offset, bits) * scale + offset  # what dequantize computes
-        values = values.view(-1)[: flat.numel()].view(weight.shape).to(weight.dtype)
+        values = values.view(-1)[: weight.numel()].view(weight.shape).to(weight.dtype)
     return _StraightThrough.apply(weight, values)
 
 

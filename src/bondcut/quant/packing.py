@@ -121,13 +121,18 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, shape, 
     return PackedTensor(pack_codes(flat, bits), scale, offset, tuple(shape), bits, group_size)
 
 
+def weight_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``weight`` in float32, row-major, zero-padded to whole groups: (groups, group_size)."""
+    flat = weight.detach().reshape(-1).float()
+    padded = math.ceil(flat.numel() / group_size) * group_size
+    return torch.nn.functional.pad(flat, (0, padded - flat.numel())).view(-1, group_size)
+
+
 def quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> PackedTensor:
     """Round ``weight`` group-wise to ``bits``-bit codes on each group's best clipped range (:func:`fit_ranges`);
     computed in float32, stored packed."""
     check_bits(bits, group_size)
-    flat = weight.detach().reshape(-1).float()
-    padded = math.ceil(flat.numel() / group_size) * group_size
-    groups = torch.nn.functional.pad(flat, (0, padded - flat.numel())).view(-1, group_size)  # (G, g)
+    groups = weight_groups(weight, group_size)  # (G, g)
     scale, offset = fit_ranges(groups, bits)
     codes = codes_for(groups, scale[:, None], offset[:, None], bits)
     return pack(codes, scale, offset, weight.shape, bits, group_size)  # codes already fill whole groups
