@@ -104,12 +104,48 @@ def test_training_everything_quant_aware_packs_every_layer_on_the_grid_it_traine
     assert packed == pytest.approx(result.evals[-1]["perplexity"], rel=1e-4)
 
 
+def test_a_deferred_joint_model_heals_through_its_plans_rounding_and_saves_fully_packed(compressed_dir, tmp_path):
+    """--quant-pending --train mpo+scales: the plan's dense layers and embedding are packed first and their scales
+    train, its MPO layers train through their planned widths, a layer the plan leaves float stays float; the saved
+    model has no pending packing left and scores what the last evaluation measured."""
+    from bondcut.hf_integration import attach_layout_config, pending_packing
+
+    model, tokenizer = bondcut.load(compressed_dir)
+    plan = {"model.layers.1.mlp.up_proj": 4, "model.layers.1.mlp.gate_proj": 8,
+            "model.layers.2.self_attn.q_proj": 4, "model.layers.3.mlp.down_proj": 8}  # fmt: skip
+    attach_layout_config(model, pending_packing={"layers": plan, "embedding_bits": 8, "group_size": 32,
+                                                 "rounding": "rtn"})  # fmt: skip
+    deferred = bondcut.save(model, tmp_path / "deferred", tokenizer=tokenizer)
+    out = tmp_path / "healed"
+    args = ["heal", str(deferred), "--out", str(out), "--tokens", str(64 * 4 * 4), "--seq-len", "64",
+            "--batch-size", "4", "--micro-batch", "4", "--lr", "3e-4", "--eval-tokens", "512",
+            "--quant-pending", "--train", "mpo+scales"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "heal.json").read_text())
+    assert record["evals"][-1]["perplexity"] < record["evals"][0]["perplexity"]
+    cores = sum(p.numel() for n, p in model.named_parameters() if "layers.1.mlp" in n)
+    assert record["trainable_params"] > cores  # the packed layers' scales and offsets trained beside the cores
+    healed, _ = bondcut.load(out)
+    assert pending_packing(healed) is None
+    layers = dict(healed.named_modules())
+    assert (layers["model.layers.1.mlp.up_proj"].bits, layers["model.layers.1.mlp.gate_proj"].bits) == (4, 8)
+    assert all(layers[f"model.layers.1.mlp.{n}_proj"].group_size == 32 for n in ("up", "gate"))
+    assert type(layers["model.layers.1.mlp.down_proj"]) is MPOLinear  # not in the plan: float
+    assert isinstance(layers["model.layers.2.self_attn.q_proj"], QuantLinear)
+    assert isinstance(healed.get_input_embeddings(), QuantEmbedding)
+    packed = heldout_perplexity(healed, tokenizer, max_tokens=512).perplexity
+    assert packed == pytest.approx(record["evals"][-1]["perplexity"], rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--quant-bits", "3"], "bits must be 8 or 4"),
         (["--quant-bits", "4", "--quant-group-size", "5"], "group_size must be an even number"),
         (["--quant-bits", "4", "--train", "scales"], "does not combine with train='scales'"),
+        (["--quant-bits", "4", "--quant-pending"], "choose one"),
+        (["--quant-pending"], "needs a model with a pending packing"),
     ],
 )
 def test_bad_quant_aware_input_is_a_clear_error(compressed_dir, tmp_path, args, message):

@@ -492,8 +492,8 @@ def heal_command(
     train: Annotated[
         str,
         typer.Option(
-            help="'mpo' (cores only), 'all' parameters, or 'scales' (a packed model's "
-            "group scales and offsets; codes stay)"
+            help="'mpo' (cores only), 'all' parameters, 'scales' (a packed model's "
+            "group scales and offsets; codes stay), or 'mpo+scales' (both)"
         ),
     ] = "mpo",
     eval_every: Annotated[int, typer.Option(help="steps between held-out perplexity checks (0 = start and end)")] = 0,
@@ -527,6 +527,13 @@ def heal_command(
     quant_group_size: Annotated[
         int, typer.Option(help="with --quant-bits: core entries sharing one fp16 scale and offset")
     ] = 64,
+    quant_pending: Annotated[
+        bool,
+        typer.Option(
+            help="a model from compress --target-bytes --defer-packing: pack its dense layers and embedding as its "
+            "plan says, train the MPO cores through the rounding the plan gives them, save it all packed"
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """Retrain a compressed model briefly (LM loss and/or distillation); resumable; DDP or FSDP under torchrun."""
@@ -544,7 +551,7 @@ def heal_command(
                             eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
                             gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, seed=seed,
                             first_batch=first_batch, gauge=gauge, quant_bits=quant_bits,
-                            quant_group=quant_group_size)  # fmt: skip
+                            quant_group=quant_group_size, quant_pending=quant_pending)  # fmt: skip
     except ValueError as err:
         _fail(str(err))
     net, tokenizer = _load(model, _resolve(model))

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 
 
-TRAIN_CHOICES = ("mpo", "all", "scales")
+TRAIN_CHOICES = ("mpo", "all", "scales", "mpo+scales")
 GAUGE_CHOICES = ("balanced", "canonical")
 
 
@@ -53,8 +53,9 @@ class HealConfig:
         rest_lr: with train="all", the peak learning rate of everything outside the MPO layers (embeddings, norms,
             dense layers); None = ``lr``. Pretrained dense weights want a smaller step than freshly cut cores.
         weight_decay, max_grad_norm: AdamW weight decay and gradient-norm clip.
-        train: "mpo" (MPO cores and their biases only), "all" parameters, or "scales": a packed model's per-group
-            scales and offsets only (codes fixed; healing after packing; stored back as fp16 when done).
+        train: "mpo" (MPO cores and their biases only), "all" parameters, "scales": a packed model's per-group
+            scales and offsets only (codes fixed; healing after packing; stored back as fp16 when done), or
+            "mpo+scales": both, for a model whose MPO layers are float and the rest packed.
         distill: weight of the distillation term (0 = next-token loss only, 1 = distillation only); needs a teacher.
         temperature: softening of both distributions in the distillation term.
         teacher_top_k: 0 runs the teacher beside the student on every batch; k > 0 caches its k largest logits per
@@ -75,6 +76,9 @@ class HealConfig:
             the embedding and the head) through the rounding packing will apply (group-wise, ``quant_group`` entries
             per fp16 scale and offset; straight-through gradients, :mod:`bondcut.quant.aware`) and packs them when
             done, so the healed model is stored at that width without a lossy packing step.
+        quant_pending: for a model compressed with ``target_bytes`` and ``defer_packing`` (the joint search's float
+            model): pack its dense layers and embedding first, as its plan says, then train the MPO cores through
+            the rounding the plan gives each of them (its bits, its group size) and pack them when done.
     """
 
     tokens: int = 262_144
@@ -101,6 +105,7 @@ class HealConfig:
     gauge: str = "canonical"
     quant_bits: int = 0
     quant_group: int = 64
+    quant_pending: bool = False
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_CHOICES:
@@ -110,18 +115,25 @@ class HealConfig:
             raise ValueError(f"teacher_top_k must be >= 0 (0 = run the teacher alongside), got {self.teacher_top_k}")
         if not 0 <= self.distill <= 1 or self.temperature <= 0:
             raise ValueError(f"distill must be in [0, 1] and temperature > 0, got {self.distill}, {self.temperature}")
-        if self.rest_lr is not None and (self.rest_lr <= 0 or self.train != "all"):
-            raise ValueError(f"rest_lr must be positive and only applies with train='all' (it sets the learning "
-                             f"rate of the non-MPO parameters), got rest_lr={self.rest_lr}, train={self.train!r}")  # fmt: skip
+        if self.rest_lr is not None and (self.rest_lr <= 0 or self.train not in ("all", "mpo+scales")):
+            raise ValueError(f"rest_lr must be positive and only applies with train='all' or 'mpo+scales' (it sets "
+                             f"the learning rate of what is not an MPO core), got rest_lr={self.rest_lr}, "
+                             f"train={self.train!r}")  # fmt: skip
         if self.gauge not in GAUGE_CHOICES:
             raise ValueError(f"gauge must be one of {GAUGE_CHOICES}, got {self.gauge!r}")
+        if self.quant_bits and self.quant_pending:
+            raise ValueError("quant_bits rounds every core to one width and quant_pending to the widths of the "
+                             "model's pending plan: choose one")  # fmt: skip
         if self.quant_bits:
             from .quant.packing import check_bits
 
             check_bits(self.quant_bits, self.quant_group)
-            if self.train == "scales" or self.fsdp:
-                raise ValueError("quantization-aware healing (quant_bits) trains float MPO cores on one grid per "
-                                 "core: it does not combine with train='scales' or fsdp")  # fmt: skip
+        if (self.quant_bits or self.quant_pending) and (self.train == "scales" or self.fsdp):
+            raise ValueError("quantization-aware healing (quant_bits, quant_pending) trains float MPO cores on one "
+                             "grid per core: it does not combine with train='scales' or fsdp")  # fmt: skip
+        if self.quant_pending and self.train == "all":
+            raise ValueError("quant_pending packs the dense layers and embedding before training: train 'mpo' "
+                             "(cores) or 'mpo+scales' (cores and the packed layers' scales), not 'all'")  # fmt: skip
         if self.first_batch < 0:
             raise ValueError(f"first_batch must be >= 0 (batches of the data order to skip), got {self.first_batch}")
         if min(self.tokens, self.seq_len, self.batch_size, self.micro_batch) < 1 or self.lr <= 0:
@@ -153,24 +165,22 @@ class HealResult:
 
 def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
     """Mark and return what trains: "all" parameters, "mpo" (only the MPO layers' cores and biases), "scales"
-    (packed layers' group scales and offsets, through a gain and a shift per group), or "auto" ("mpo" for a model
-    with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
+    (packed layers' group scales and offsets, through a gain and a shift per group), "mpo+scales" (both), or
+    "auto" ("mpo" for a model with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
     if train == "auto":
         train = "mpo" if any(isinstance(m, MPOLinear) for m in model.modules()) else "all"
     if train == "all":
         model.requires_grad_(True)
-    elif train == "scales":
+    else:
         from .quant.modules import PACKED_LAYERS, ranges_to_parameters
 
         model.requires_grad_(False)
+        parts = train.split("+")
         for module in model.modules():
-            if isinstance(module, PACKED_LAYERS):
-                ranges_to_parameters(module)
-    else:
-        model.requires_grad_(False)
-        for module in model.modules():
-            if isinstance(module, MPOLinear):
+            if "mpo" in parts and isinstance(module, MPOLinear):
                 module.requires_grad_(True)
+            if "scales" in parts and isinstance(module, PACKED_LAYERS):
+                ranges_to_parameters(module)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train='scales' needs a packed model: bondcut quantize it first (or heal with 'mpo')"
@@ -242,6 +252,11 @@ def heal(
     accumulation = config.batch_size // (config.micro_batch * world)
     stream = SequenceStream(split_token_ids(tokenizer, "train"), config.seq_len, config.batch_size, config.seed,
                             config.first_batch)  # fmt: skip
+    core_bits = None
+    if config.quant_pending:  # the dense part is packed now, the cores train through their planned rounding
+        from .joint import pack_pending_except_cores
+
+        core_bits, core_group = pack_pending_except_cores(model, tokenizer)
     params = trainable_parameters(model, config.train)
     if config.gauge == "balanced":
         for module in model.modules():
@@ -251,6 +266,10 @@ def heal(
         from .quant.aware import make_quant_aware
 
         make_quant_aware(model, config.quant_bits, config.quant_group, rest=config.train == "all")
+    elif core_bits:
+        from .quant.aware import make_quant_aware
+
+        make_quant_aware(model, core_bits, core_group)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sharded = config.fsdp and world > 1
@@ -285,7 +304,7 @@ def heal(
         indices = stream.rows(step, rank, world)
         rows = stream.sequences[indices].to(accelerator.device)  # (batch / world, seq_len)
         total = 0.0
-        rounding = parametrize.cached() if config.quant_bits else contextlib.nullcontext()
+        rounding = parametrize.cached() if config.quant_bits or core_bits else contextlib.nullcontext()
         with rounding:  # quantization-aware: each weight is rounded once per step, not once per micro-batch
             for micro in range(accumulation):
                 part = slice(micro * config.micro_batch, (micro + 1) * config.micro_batch)
@@ -320,16 +339,20 @@ def heal(
             accelerator.wait_for_everyone()
         if on_step is not None and accelerator.is_main_process:
             on_step({**point, "steps": config.steps, "eval": result.evals[-1]})
+    store_trained_ranges(model)  # before the last evaluation: it scores the fp16 scales and offsets that are saved
     result.evals.append(_evaluate(accelerator, wrapped, tokenizer, config.steps, config.eval_tokens, sharded))
     result.seconds = time.perf_counter() - began
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.requires_grad_(False)
-    store_trained_ranges(model)
-    if config.quant_bits:  # the last evaluation saw the rounded cores: packing them changes nothing
+    if config.quant_bits or core_bits:  # the last evaluation saw the rounded cores: packing them changes nothing
         from .quant.aware import pack_quant_aware
 
-        pack_quant_aware(model, config.quant_bits, config.quant_group)
+        pack_quant_aware(model, config.quant_bits or None, config.quant_group)
+    if config.quant_pending:
+        from .hf_integration import attach_layout_config
+
+        attach_layout_config(model, pending_packing=None)  # all of it is packed now
     model.eval()
     return result
 

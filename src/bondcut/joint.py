@@ -301,3 +301,22 @@ def apply_pending_packing(model: nn.Module, tokenizer=None, calibration_tokens: 
     apply_packing(model, packing, tokenizer, calibration_tokens)
     attach_layout_config(model, pending_packing=None)
     return packing
+
+
+def pack_pending_except_cores(model: nn.Module, tokenizer=None, calibration_tokens: int = 16384) -> tuple[dict, int]:
+    """Quantization-aware healing of a deferred joint model, first half: pack the dense matrices and embedding
+    its pending plan packs (as :func:`apply_packing` would), leave the MPO layers float, and return the widths the
+    plan gives them ({layer name: bits}) with the plan's group size, to train the cores through that rounding
+    (:func:`bondcut.quant.aware.make_quant_aware`). The plan stays in the config until the cores are packed too."""
+    from .hf_integration import pending_packing
+    from .mpo_linear import MPOLinear
+
+    packing = pending_packing(model)
+    if packing is None:
+        raise ValueError("quant_pending needs a model with a pending packing: compress it with --target-bytes "
+                         "--defer-packing (Python: CompressConfig(target_bytes=..., defer_packing=True))")  # fmt: skip
+    mpo = {name for name, module in model.named_modules() if isinstance(module, MPOLinear)}
+    cores = {name: bits for name, bits in packing["layers"].items() if name in mpo}
+    rest = {name: bits for name, bits in packing["layers"].items() if name not in mpo}
+    apply_packing(model, {**packing, "layers": rest}, tokenizer, calibration_tokens)
+    return cores, packing["group_size"]

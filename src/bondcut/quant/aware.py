@@ -11,6 +11,8 @@ straight-through estimator of Bengio et al. 2013, as in LLM-QAT and EfficientQAT
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -59,20 +61,26 @@ class FakeQuantized(nn.Module):
         return fake_quantize(weight, self.bits, self.group_size)
 
 
-def make_quant_aware(model: nn.Module, bits: int, group_size: int, rest: bool = False) -> int:
+def make_quant_aware(model: nn.Module, bits: int | Mapping[str, int], group_size: int, rest: bool = False) -> int:
     """Parametrize every MPO core of ``model`` with :class:`FakeQuantized` and, with ``rest``, every weight that
     ``bondcut quantize`` would pack (dense Linear layers, the token embedding, the LM head, tied or not), each on the
-    grid packing will use. The float tensors stay the trained parameters (same objects, now
+    grid packing will use. ``bits`` may map MPO layer names to widths (a joint plan's): the cores of layers it
+    does not name stay float. The float tensors stay the trained parameters (same objects, now
     ``...parametrizations.<name>.original``). Returns the number of tensors parametrized."""
-    check_bits(bits, group_size)
+    widths = bits if isinstance(bits, Mapping) else None
+    for width in widths.values() if widths is not None else (bits,):
+        check_bits(width, group_size)
     count = 0
-    for module in model.modules():
-        if isinstance(module, MPOLinear):
+    for name, module in model.named_modules():
+        width = bits if widths is None else widths.get(name)
+        if isinstance(module, MPOLinear) and width:
             module.cache_inference = False  # its cache keys on core storage, and a parametrized core is new each time
             for index in range(len(module.cores)):
-                parametrize.register_parametrization(module.cores, str(index), FakeQuantized(bits, group_size))
+                parametrize.register_parametrization(module.cores, str(index), FakeQuantized(width, group_size))
                 count += 1
     if rest:
+        if widths is not None:
+            raise ValueError("rounding the rest needs one width for it: pass bits as an int with rest=True")
         count += _make_rest_quant_aware(model, bits, group_size)
     if not count:
         raise ValueError("quantization-aware healing needs MPO cores (compress the model first) or, with "
@@ -106,23 +114,32 @@ def _make_rest_quant_aware(model: nn.Module, bits: int, group_size: int) -> int:
     return count
 
 
-def pack_quant_aware(model: nn.Module, bits: int, group_size: int) -> None:
+def pack_quant_aware(model: nn.Module, bits: int | None = None, group_size: int = 64) -> None:
     """End quantization-aware training: drop the parametrizations and pack every rounded tensor on the grid it
-    trained on (the same ranges, round to nearest), so the packed model computes what the trained one did."""
+    trained on (each core at its own parametrization's width and group; the rest, if it was rounded, at ``bits``
+    and ``group_size``, round to nearest on the same ranges), so the packed model computes what the trained one
+    did."""
     rounded_rest = False
-    for module in model.modules():
+    grids: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
         holder = module.cores if isinstance(module, MPOLinear) else module
         if not parametrize.is_parametrized(holder):
             continue
-        for name in list(holder.parametrizations):
-            if isinstance(holder.parametrizations[name][0], FakeQuantized):
-                parametrize.remove_parametrizations(holder, name, leave_parametrized=False)
+        for tensor in list(holder.parametrizations):
+            grid = holder.parametrizations[tensor][0]
+            if isinstance(grid, FakeQuantized):
+                parametrize.remove_parametrizations(holder, tensor, leave_parametrized=False)
                 rounded_rest |= holder is module
+                if holder is not module:
+                    grids[name] = (grid.bits, grid.group_size)
     for name, module in list(model.named_modules()):
-        if isinstance(module, MPOLinear):
-            packed = [quantize(core.detach(), bits, group_size) for core in module.cores]
+        if name in grids:
+            width, group = grids[name]
+            packed = [quantize(core.detach(), width, group) for core in module.cores]
             set_submodule(model, name, QuantMPOLinear.from_layer(module, packed))
     if rounded_rest:
+        if bits is None:
+            raise ValueError("the dense layers were rounded too: pass the width they trained at")
         from .apply import QuantizeConfig, quantize_model
 
         quantize_model(model, QuantizeConfig(bits=bits, group_size=group_size, cores=False, method="rtn"))
