@@ -99,3 +99,18 @@ def test_every_compare_setting_is_either_a_result_setting_or_speed_only():
     result_settings = set(SHARED_SETTINGS).union(*SETTINGS.values())
     assert not result_settings & set(SPEED_ONLY_SETTINGS)
     assert {f.name for f in fields(CompareConfig)} == result_settings | set(SPEED_ONLY_SETTINGS)
+
+
+def test_the_joint_row_heals_what_its_healing_mode_names():
+    """'float' heals the float cores (packed afterwards), 'aware' the cores through their rounding beside the packed
+    layers' scales; the int rows heal their scales, LayerChop everything."""
+    import torch
+
+    from bondcut import MPOLinear
+    from bondcut.compare import CompareConfig, _what_trains
+
+    with_cores = torch.nn.Sequential(MPOLinear([(4, 6), (8, 5)], [3]))
+    trains = {mode: _what_trains("joint", with_cores, CompareConfig(joint_healing=mode)) for mode in ("float", "aware")}
+    assert trains == {"float": "mpo", "aware": "mpo+scales"}
+    assert _what_trains("int4_gptq", with_cores, CompareConfig()) == "scales"
+    assert _what_trains("layerchop", with_cores, CompareConfig()) == "all"

@@ -705,7 +705,11 @@ def compare_command(
         float, typer.Option(help="peak learning rate of original_tuned (the original, all parameters trained)")
     ] = 5e-5,
     joint_healing: Annotated[
-        str, typer.Option(help="joint: 'float' (heal the MPO cores, then pack) or 'packed' (pack, then heal scales)")
+        str,
+        typer.Option(
+            help="joint: 'float' (heal the MPO cores, then pack), 'packed' (pack, then heal scales) or 'aware' "
+            "(pack the rest, heal the cores through their rounding beside the scales)"
+        ),
     ] = "float",
     distill: Annotated[float, typer.Option(help="distillation weight in healing (teacher: the original)")] = 0.0,
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens for perplexity")] = 8192,

@@ -15,7 +15,9 @@ Every method starts from the same original model and, where it trains, gets the 
 - ``joint``: one byte budget (``target_bytes``, default: bondcut_int4's file size) shared by MPO layouts and χ,
   int8/int4 packing and block deletion, chosen together (:mod:`bondcut.joint`). ``joint_healing="float"``: its
   float structure (MPO cores, blocks deleted) is healed, then packed; ``"packed"``: packed first, then its group
-  scales and offsets healed like the int rows (its "before healing" figure, either way: packed without healing).
+  scales and offsets healed like the int rows; ``"aware"``: its dense layers and embedding packed first, then
+  its MPO cores trained through the rounding the plan gives them beside the packed layers' scales, then the cores
+  packed (quantization-aware; its "before healing" figure, in every case: packed without healing).
 
 Each method's model and result land in ``out/models/NAME`` and ``out/results/NAME.json`` (a rerun skips
 what is done: the run resumes; a result made under other settings of that method is rebuilt). Speed is measured
@@ -41,7 +43,7 @@ METHODS = ("original", "original_tuned", "int8", "int4", "int4_gptq", "svd", "sv
            "bondcut_int4", "joint")  # fmt: skip
 QUANTIZED = {"int8": (8, "rtn"), "int4": (4, "rtn"), "int4_gptq": (4, "gptq")}  # method -> (bits, rounding)
 HEALED = ("original_tuned", "int8", "int4", "int4_gptq", "svd", "svd_llm", "layerchop", "bondcut", "joint")
-JOINT_HEALING = ("float", "packed")
+JOINT_HEALING = ("float", "packed", "aware")
 SAME_SHAPE = ("original_tuned",)  # rows with the original's architecture: not timed again
 
 
@@ -76,8 +78,9 @@ class CompareConfig:
         if self.rounding not in ("gptq", "rtn"):
             raise ValueError(f"rounding must be 'gptq' or 'rtn', got {self.rounding!r}")
         if self.joint_healing not in JOINT_HEALING:
-            raise ValueError(f"joint_healing must be 'float' (heal, then pack) or 'packed' (pack, then heal the "
-                             f"scales), got {self.joint_healing!r}")  # fmt: skip
+            raise ValueError(f"joint_healing must be 'float' (heal, then pack), 'packed' (pack, then heal the "
+                             f"scales) or 'aware' (cores through their rounding, beside the scales), got "
+                             f"{self.joint_healing!r}")  # fmt: skip
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}, e.g. --methods svd,bondcut")
@@ -272,19 +275,22 @@ def run_method(
     before = None
     heal_s = 0.0
     train = _what_trains(method, model, config)
-    if method == "joint" and train != "mpo":  # nothing float to heal (or healing after packing): pack now
+    cores_float = method == "joint" and train in ("mpo", "mpo+scales")  # the plan's cores are packed after healing
+    if method == "joint" and not cores_float:  # nothing float to heal (or healing after packing): pack now
         stage(method, "packing")
         apply_pending_packing(model, tokenizer)
     if method in HEALED and config.heal_tokens and train is not None:
         stage(method, "quality before healing")
-        unhealed = _packed_copy(model, tokenizer) if method == "joint" and train == "mpo" else model
+        unhealed = _packed_copy(model, tokenizer) if cores_float else model
         before = _quality(unhealed, tokenizer, config, tasks=False)["perplexity"]
         del unhealed
         stage(method, "healing")
         start = time.perf_counter()
         lr = config.finetune_lr if method == "original_tuned" else config.heal_lr
+        aware = train == "mpo+scales"  # the joint plan's cores through their rounding, beside the packed scales
         heal_config = HealConfig(tokens=config.heal_tokens, lr=config.scale_lr if train == "scales" else lr,
-                                 train=train, distill=config.distill, eval_tokens=1024, seed=config.seed)  # fmt: skip
+                                 rest_lr=config.scale_lr if aware else None, quant_pending=aware, train=train,
+                                 distill=config.distill, eval_tokens=1024, seed=config.seed)  # fmt: skip
         heal(model, tokenizer, heal_config, teacher=teacher if config.distill else None)
         heal_s = time.perf_counter() - start
     if method == "joint" and train == "mpo":
@@ -316,7 +322,8 @@ def run_method(
 
 def _what_trains(method: str, model: nn.Module, config: CompareConfig) -> str | None:
     """What healing trains for ``method`` (None: nothing): int rows their packed scales and offsets; LayerChop's
-    blocks are dense (continued pretraining: all); the joint model its MPO cores before packing, or, with
+    blocks are dense (continued pretraining: all); the joint model its MPO cores before packing ("float"), its
+    cores through their planned rounding beside its packed layers' scales ("aware": "mpo+scales"), or, with
     ``joint_healing="packed"`` or a plan without MPO layers, its scales after packing; the rest their cores."""
     if method in QUANTIZED:
         return "scales"
@@ -326,8 +333,8 @@ def _what_trains(method: str, model: nn.Module, config: CompareConfig) -> str | 
         from .hf_integration import pending_packing
 
         has_cores = any(isinstance(m, MPOLinear) for m in model.modules())
-        if has_cores and config.joint_healing == "float":
-            return "mpo"
+        if has_cores and config.joint_healing != "packed":
+            return "mpo" if config.joint_healing == "float" else "mpo+scales"
         packing = pending_packing(model) or {}
         return "scales" if packing.get("layers") or packing.get("embedding_bits") else None
     return "mpo" if method in HEALED else None
