@@ -60,6 +60,23 @@ def test_cores_train_through_their_rounding_and_pack_to_the_same_outputs():
     assert (packed - unrounded).abs().max() > 1e-2  # int4 rounding is visible: the test can tell the two apart
 
 
+def test_the_rounding_is_computed_once_per_version_of_the_weight(monkeypatch):
+    """Micro-batches of one step share one rounding; an optimizer step (an in-place update) makes a new one."""
+    import bondcut.quant.aware as aware
+
+    calls = []
+    real = aware.rounded_values
+    monkeypatch.setattr(aware, "rounded_values", lambda *a: calls.append(1) or real(*a))
+    weight = torch.nn.Parameter(torch.randn(8, 32))
+    grid = aware.FakeQuantized(4, 16)
+    first, again = grid(weight), grid(weight)
+    (first.sum() + again.sum()).backward()  # two graphs through one rounding: both backward passes work
+    assert len(calls) == 1 and torch.equal(weight.grad, torch.full_like(weight, 2.0))
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert torch.equal(grid(weight), fake_quantize(weight, 4, 16)) and len(calls) == 3
+
+
 @pytest.fixture(scope="module")
 def compressed_dir(tmp_path_factory, trained_model):
     """Block 1's MLP at chi 16 on the trained model."""
@@ -118,7 +135,7 @@ def test_a_deferred_joint_model_heals_through_its_plans_rounding_and_saves_fully
     deferred = bondcut.save(model, tmp_path / "deferred", tokenizer=tokenizer)
     out = tmp_path / "healed"
     args = ["heal", str(deferred), "--out", str(out), "--tokens", str(64 * 4 * 4), "--seq-len", "64",
-            "--batch-size", "4", "--micro-batch", "4", "--lr", "3e-4", "--eval-tokens", "512",
+            "--batch-size", "4", "--micro-batch", "2", "--lr", "3e-4", "--eval-tokens", "512",
             "--quant-pending", "--train", "mpo+scales"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

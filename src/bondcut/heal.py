@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .mpo_linear import MPOLinear
 
@@ -304,18 +303,16 @@ def heal(
         indices = stream.rows(step, rank, world)
         rows = stream.sequences[indices].to(accelerator.device)  # (batch / world, seq_len)
         total = 0.0
-        rounding = parametrize.cached() if config.quant_bits or core_bits else contextlib.nullcontext()
-        with rounding:  # quantization-aware: each weight is rounded once per step, not once per micro-batch
-            for micro in range(accumulation):
-                part = slice(micro * config.micro_batch, (micro + 1) * config.micro_batch)
-                ids = rows[part]
-                sync = micro == accumulation - 1
-                target = teacher if cache is None else cache.top_logits(indices[part], ids)
-                with _gradient_sync(accelerator, wrapped, sync, sharded):
-                    with accelerator.autocast():
-                        loss = _loss(wrapped, target, ids, config) / accumulation
-                    accelerator.backward(loss)
-                total += float(loss.detach())
+        for micro in range(accumulation):
+            part = slice(micro * config.micro_batch, (micro + 1) * config.micro_batch)
+            ids = rows[part]
+            sync = micro == accumulation - 1
+            target = teacher if cache is None else cache.top_logits(indices[part], ids)
+            with _gradient_sync(accelerator, wrapped, sync, sharded):
+                with accelerator.autocast():
+                    loss = _loss(wrapped, target, ids, config) / accumulation
+                accelerator.backward(loss)
+            total += float(loss.detach())
         if config.max_grad_norm:
             clip = torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_
             clip(params, config.max_grad_norm)

@@ -35,30 +35,44 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """``weight`` as packing and unpacking it would return it, with the gradient of the identity."""
+def rounded_values(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``weight`` as packing and unpacking it would return it (no gradient): the same groups, ranges and codes."""
     with torch.no_grad():
         groups = weight_groups(weight, group_size)  # (G, g), as quantize cuts them
         scale, offset = fit_ranges(groups, bits)
         scale, offset = scale.float()[:, None], offset.float()[:, None]
         values = codes_for(groups, scale, offset, bits) * scale + offset  # what dequantize computes
-        values = values.view(-1)[: weight.numel()].view(weight.shape).to(weight.dtype)
-    return _StraightThrough.apply(weight, values)
+        return values.view(-1)[: weight.numel()].view(weight.shape).to(weight.dtype)
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``weight`` as packing and unpacking it would return it, with the gradient of the identity."""
+    return _StraightThrough.apply(weight, rounded_values(weight, bits, group_size))
 
 
 class FakeQuantized(nn.Module):
     """A parametrization: the tensor seen through its ``bits``-bit group-wise rounding (straight-through).
-    ``transposed`` rounds the transpose (a GPT-2 ``Conv1D`` stores W as (in, out); packing rounds (out, in))."""
+    ``transposed`` rounds the transpose (a GPT-2 ``Conv1D`` stores W as (in, out); packing rounds (out, in)).
+
+    The rounded values are computed once per version of the float tensor (an optimizer step changes it in place),
+    so micro-batches of one step share one rounding; only the straight-through node is new per forward, and it
+    saves nothing, so other parametrizations (a packed layer's trained scales) keep their own graphs."""
 
     def __init__(self, bits: int, group_size: int, transposed: bool = False):
         super().__init__()
         check_bits(bits, group_size)
         self.bits, self.group_size, self.transposed = bits, group_size, transposed
+        self._rounded: tuple[tuple, torch.Tensor] | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.transposed:
-            return fake_quantize(weight.t(), self.bits, self.group_size).t()
-        return fake_quantize(weight, self.bits, self.group_size)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        if self._rounded is None or self._rounded[0] != key:
+            if self.transposed:
+                values = rounded_values(weight.t(), self.bits, self.group_size).t()
+            else:
+                values = rounded_values(weight, self.bits, self.group_size)
+            self._rounded = (key, values)
+        return _StraightThrough.apply(weight, self._rounded[1])
 
 
 def make_quant_aware(model: nn.Module, bits: int | Mapping[str, int], group_size: int, rest: bool = False) -> int:
