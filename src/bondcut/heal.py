@@ -251,24 +251,17 @@ def heal(
     accumulation = config.batch_size // (config.micro_batch * world)
     stream = SequenceStream(split_token_ids(tokenizer, "train"), config.seq_len, config.batch_size, config.seed,
                             config.first_batch)  # fmt: skip
-    core_bits = None
-    if config.quant_pending:  # the dense part is packed now, the cores train through their planned rounding
+    planned = None  # a deferred joint model: its dense part is packed now, its cores' planned widths come back
+    if config.quant_pending:
         from .joint import pack_pending_except_cores
 
-        core_bits, core_group = pack_pending_except_cores(model, tokenizer)
+        planned = pack_pending_except_cores(model, tokenizer)
     params = trainable_parameters(model, config.train)
     if config.gauge == "balanced":
         for module in model.modules():
             if isinstance(module, MPOLinear):
                 module.balance_gauge()
-    if config.quant_bits:
-        from .quant.aware import make_quant_aware
-
-        make_quant_aware(model, config.quant_bits, config.quant_group, rest=config.train == "all")
-    elif core_bits:
-        from .quant.aware import make_quant_aware
-
-        make_quant_aware(model, core_bits, core_group)
+    rounding = _round_while_training(model, config, planned)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sharded = config.fsdp and world > 1
@@ -342,7 +335,7 @@ def heal(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.requires_grad_(False)
-    if config.quant_bits or core_bits:  # the last evaluation saw the rounded cores: packing them changes nothing
+    if rounding:  # the last evaluation saw the rounded weights: packing them changes nothing
         from .quant.aware import pack_quant_aware
 
         pack_quant_aware(model, config.quant_bits or None, config.quant_group)
@@ -352,6 +345,20 @@ def heal(
         attach_layout_config(model, pending_packing=None)  # all of it is packed now
     model.eval()
     return result
+
+
+def _round_while_training(model: nn.Module, config: HealConfig, planned: tuple[dict, int] | None) -> bool:
+    """Quantization-aware healing: make the weights train through their rounding (every core at ``quant_bits``,
+    and the rest with train='all'; or each core at its planned width). Whether anything is rounded."""
+    from .quant.aware import make_quant_aware
+
+    if config.quant_bits:
+        make_quant_aware(model, config.quant_bits, config.quant_group, rest=config.train == "all")
+        return True
+    if planned is not None and planned[0]:
+        make_quant_aware(model, *planned)
+        return True
+    return False
 
 
 def _open_cache(accelerator, teacher: nn.Module, stream, k: int):
