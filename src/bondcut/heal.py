@@ -11,6 +11,9 @@ models that do not fit one device): the global batch of each step is the same wh
 curves compare. Every ``checkpoint_every``
 steps the trainable state, optimizer, schedule and curve are written atomically; ``resume`` continues from
 there and ends exactly where an uninterrupted run of the same seed would (the data order is a function of the step).
+
+Quantization-aware (``quant_bits``, ``quant_pending``): the weights that will be packed train through their
+rounding (:mod:`bondcut.quant.aware`) and are packed when training ends, so packing loses nothing afterwards.
 """
 
 from __future__ import annotations
