@@ -163,6 +163,7 @@ def test_a_deferred_joint_model_heals_through_its_plans_rounding_and_saves_fully
         (["--quant-bits", "4", "--train", "scales"], "does not combine with train='scales'"),
         (["--quant-bits", "4", "--quant-pending"], "choose one"),
         (["--quant-pending"], "needs a model with a pending packing"),
+        (["--quant-pending", "--train", "all"], "not 'all'"),
     ],
 )
 def test_bad_quant_aware_input_is_a_clear_error(compressed_dir, tmp_path, args, message):
