@@ -710,7 +710,7 @@ def compare_command(
             help="joint: 'float' (heal the MPO cores, then pack), 'packed' (pack, then heal scales) or 'aware' "
             "(pack the rest, heal the cores through their rounding beside the scales)"
         ),
-    ] = "float",
+    ] = "aware",
     distill: Annotated[float, typer.Option(help="distillation weight in healing (teacher: the original)")] = 0.0,
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens for perplexity")] = 8192,
     tasks: Annotated[list[str] | None, typer.Option(help=_TASKS_HELP + " (default: none)")] = None,
