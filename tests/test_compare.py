@@ -112,5 +112,9 @@ def test_the_joint_row_heals_what_its_healing_mode_names():
     with_cores = torch.nn.Sequential(MPOLinear([(4, 6), (8, 5)], [3]))
     trains = {mode: _what_trains("joint", with_cores, CompareConfig(joint_healing=mode)) for mode in ("float", "aware")}
     assert trains == {"float": "mpo", "aware": "mpo+scales"}
+    from bondcut.compare import JOINT_HEALING
+    from bondcut.compare_report import JOINT_HEALING_NOTES
+
+    assert set(JOINT_HEALING_NOTES) == set(JOINT_HEALING)  # the report can say how every mode healed
     assert _what_trains("int4_gptq", with_cores, CompareConfig()) == "scales"
     assert _what_trains("layerchop", with_cores, CompareConfig()) == "all"

@@ -24,6 +24,7 @@ LABELS = {
 JOINT_HEALING_NOTES = {  # CompareConfig.joint_healing -> what the healing line says
     "float": "the joint model heals its float MPO cores, then packs",
     "packed": "the joint model packs, then heals its scales and offsets",
+    "aware": "the joint model packs its dense part, then heals its cores through their rounding beside its scales",
 }
 
 
