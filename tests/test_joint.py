@@ -86,13 +86,45 @@ def test_priced_options_are_a_frontier_with_exact_dense_packing_errors(trained_m
     candidates = build_candidates({"o": weight}, None, ("lowrank",), packing_bits=(8, 4), group_size=64)
     deltas = candidates["o"].packing_errors
     assert 0 < deltas[8] < deltas[4] < 0.05
-    options = priced_options(candidates["o"], deltas, 4, 64)
+    assert candidates["o"].dense_packing_errors == deltas  # rounded to nearest either way
+    options = priced_options(candidates["o"], 4, 64)
     sizes, errors = [o.nbytes for o in options], [o.error for o in options]
     assert sizes == sorted(sizes) and errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)
     dense = {o.bits: o for o in options if o.layout == "dense"}
     assert dense[None].error == 0 and dense[None].nbytes == weight.numel() * 4
     assert dense[4].error == pytest.approx(deltas[4]) and dense[4].nbytes == weight.numel() * 9 // 16
     assert any(o.bits == 4 and o.layout == "lowrank" for o in options)  # packed low rank is on the frontier
+
+
+def test_gptq_packing_is_priced_as_gptq_rounds_it(trained_model):
+    """The joint plan packs dense matrices with GPTQ: their price is GPTQ's measured output error (below rounding
+    to nearest on the same inputs), exactly what the packed layer then holds; cores keep nearest rounding's."""
+    from bondcut.calibration import input_covariances
+    from bondcut.candidates import OutputError
+    from bondcut.mpo.whiten import cholesky_factor
+    from bondcut.quant import QuantizeConfig
+    from bondcut.quant.gptq import quantize_aware
+    from bondcut.quant.packing import dequantize
+
+    model, tokenizer = trained_model
+    name = "model.layers.4.self_attn.o_proj"
+    weight = model.get_submodule(name).weight.detach()
+    covs, _ = input_covariances(model, tokenizer, [name], tokens=1024)
+    entry = build_candidates({name: weight}, covs, ("lowrank",), packing_bits=(8, 4), group_size=64,
+                             packing_rounding="gptq")[name]  # fmt: skip
+    for bits in (8, 4):
+        assert 0 < entry.dense_packing_errors[bits] < entry.packing_errors[bits]
+    metric = OutputError(weight, cholesky_factor(covs[name], 1e-2))
+    stored = dequantize(quantize_aware(weight, covs[name], 4, 64, QuantizeConfig.damping))
+    assert entry.dense_packing_errors[4] == pytest.approx(metric(stored), rel=1e-6)
+    options = priced_options(entry, 4, 64)
+    dense4 = next(o for o in options if o.layout == "dense" and o.bits == 4)
+    assert dense4.error == pytest.approx(entry.dense_packing_errors[4])
+    low_rank4 = [o for o in options if o.layout == "lowrank" and o.bits == 4]
+    plain = {o.chi: o.error for o in entry.options if o.layout == "lowrank"}
+    assert low_rank4 and all(o.error == pytest.approx(plain[o.chi] + 2 * entry.packing_errors[4]) for o in low_rank4)
+    with pytest.raises(ValueError, match="packing_rounding must be 'rtn' or 'gptq'"):
+        build_candidates({name: weight}, covs, ("lowrank",), packing_bits=(4,), packing_rounding="awq")
 
 
 def test_target_bytes_compress_fits_the_file_and_reloads(fresh_trained_model, prompt_ids, tmp_path):

@@ -45,7 +45,9 @@ class MatrixCandidates:
     spectra: dict[str, TwoSiteSpectrum] = field(default_factory=dict)
     options: list[Option] = field(default_factory=list)
     weight: torch.Tensor | None = field(default=None, repr=False)  # kept to price split-input layouts
-    packing_errors: dict[int, float] = field(default_factory=dict)  # bits -> relative error of the packed matrix
+    packing_errors: dict[int, float] = field(default_factory=dict)  # bits -> relative error, rounded to nearest
+    # bits -> relative error of the dense matrix packed the way the plan packs it (GPTQ: below packing_errors)
+    dense_packing_errors: dict[int, float] = field(default_factory=dict)
 
     @property
     def dense_params(self) -> int:
@@ -86,13 +88,16 @@ def build_candidates(
     on_matrix: Callable[[str, int, int], None] | None = None,
     packing_bits: Sequence[int] = (),
     group_size: int = 64,
+    packing_rounding: str = "rtn",
 ) -> dict[str, MatrixCandidates]:
     """Spectra and priced options for every matrix in ``weights`` ({name: (out x in) weight}).
 
     ``layouts`` names entries of :data:`LAYOUTS`; a layout a shape cannot take (e.g. balanced for a prime
     dimension) is left out for that matrix. Options never exceed the dense size (those would save nothing).
     With ``packing_bits``, each entry also records the error of the dense matrix packed at those bits
-    (:mod:`bondcut.quant`; groups of ``group_size``), measured with the same metric.
+    (:mod:`bondcut.quant`; groups of ``group_size``), measured with the same metric: rounded to nearest
+    (``packing_errors``, what one MPO core's rounding is priced from) and as ``packing_rounding`` packs the dense
+    matrix (``dense_packing_errors``; "gptq" rounds activation-aware on the same input statistics).
     """
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown or not layouts:
@@ -103,10 +108,9 @@ def build_candidates(
         metric = None if cov is None else OutputError(weight.detach(), cholesky_factor(cov, damping))
         entry = MatrixCandidates(name, tuple(weight.shape), weight=weight.detach())
         if packing_bits:
-            packing_metric = metric or OutputError(weight.detach(), None)
-            entry.packing_errors = {
-                b: packing_metric(dequantize(quantize(weight, b, group_size))) for b in packing_bits
-            }
+            entry.packing_errors, entry.dense_packing_errors = _packing_errors(
+                weight.detach(), cov, metric, packing_bits, group_size, packing_rounding
+            )
         entry.options.append(Option("dense", None, entry.dense_params, 0.0))
         for layout in layouts:
             try:
@@ -121,6 +125,30 @@ def build_candidates(
         if on_matrix is not None:
             on_matrix(name, index + 1, len(weights))
     return result
+
+
+def _packing_errors(
+    weight: torch.Tensor,
+    cov: torch.Tensor | None,
+    metric: OutputError | None,
+    bits: Sequence[int],
+    group_size: int,
+    rounding: str,
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Relative output errors of ``weight`` packed at each of ``bits``: rounded to nearest, and as ``rounding``
+    packs it (GPTQ needs the input statistics ``cov``; without them it falls back to rounding to nearest)."""
+    from .quant.apply import QuantizeConfig
+    from .quant.gptq import quantize_aware
+
+    if rounding not in ("rtn", "gptq"):
+        raise ValueError(f"packing_rounding must be 'rtn' or 'gptq', got {rounding!r}")
+    metric = metric or OutputError(weight, None)
+    nearest = {b: metric(dequantize(quantize(weight, b, group_size))) for b in bits}
+    if rounding == "rtn" or cov is None:
+        return nearest, dict(nearest)
+    damping = QuantizeConfig.damping  # the packing's own dampening, so the price matches what is stored
+    aware = {b: metric(dequantize(quantize_aware(weight, cov, b, group_size, damping))) for b in bits}
+    return nearest, aware
 
 
 def _options(entry: MatrixCandidates, layout: str, metric: OutputError | None) -> list[Option]:

@@ -50,7 +50,7 @@ class CompressConfig:
         max_deleted_blocks: how many blocks the joint allocator may delete (0 = none).
         joint_bits: packed precisions the joint allocator may use; ``group_size``: weights per scale.
         joint_rounding: how its packed dense matrices and embedding are rounded: "gptq" (activation-aware, on
-            calibration text; the plan's predicted packing errors are round-to-nearest's, an upper estimate) or "rtn".
+            calibration text; the plan prices each dense matrix's packing error with the same rounding) or "rtn".
         refit_tokens: after the surgery, refit the MPO layers block by block to the original's outputs on the
             inputs the compressed model gives them, on this many calibration tokens (:mod:`bondcut.refit`; 0 = off).
             Same layouts and sizes; costs a second copy of the model while it runs. Not with ``target_bytes``.

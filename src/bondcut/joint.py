@@ -6,8 +6,8 @@ in the model's float dtype or packed to 8 or 4 bits (:mod:`bondcut.quant`). Per 
 
 Predicted damage, in nats of KL to the original per token, adds up:
 - a matrix option: alpha_l * e, with alpha_l fitted to the profile (:mod:`bondcut.allocate`) and e its relative
-  output error. Packing adds its own output error: measured exactly for a dense matrix (one product with the
-  whitened inputs), and for MPO cores taken as (number of cores) x that of the dense matrix at the same bits
+  output error. Packing adds its own output error: measured exactly for a dense matrix, rounded as the plan
+  will round it (GPTQ or to nearest; one product with the whitened inputs), and for MPO cores taken as (number of cores) x that of the dense matrix at the same bits
   (each core's rounding adds a relative error of about the same size);
 - the embedding's precision: its KL measured directly on calibration tokens;
 - deleting k blocks: the KL measured when the greedy LayerChop order removes them (:func:`choose_blocks`).
@@ -79,17 +79,21 @@ class JointPlan:
         return cls(**{**data, "plan": Plan.from_dict(data["plan"])})
 
 
-def priced_options(
-    entry: MatrixCandidates, deltas: dict[int, float], float_bytes: int, group_size: int
-) -> list[Option]:
-    """Every option at every precision, priced in bytes, keeping only those no other beats on bytes and error."""
+def priced_options(entry: MatrixCandidates, float_bytes: int, group_size: int) -> list[Option]:
+    """Every option at every precision, priced in bytes, keeping only those no other beats on bytes and error.
+
+    A packed dense matrix adds its measured packing error (``entry.dense_packing_errors``: as the plan rounds
+    it); packed cores add (number of cores) x the dense matrix's error rounded to nearest, as cores are."""
     options = []
     for option in entry.options:
         options.append(replace(option, nbytes=math.ceil(option.params * float_bytes)))
-        cores = 1 if option.layout == "dense" else len(entry.spectra[option.layout].layout)
-        for bits, delta in deltas.items():
+        for bits, nearest in entry.packing_errors.items():
+            if option.layout == "dense":
+                delta = entry.dense_packing_errors.get(bits, nearest)
+            else:
+                delta = len(entry.spectra[option.layout].layout) * nearest
             nbytes = math.ceil(option.params * bytes_per_weight(bits, float_bytes, group_size))
-            options.append(replace(option, bits=bits, error=option.error + cores * delta, nbytes=nbytes))
+            options.append(replace(option, bits=bits, error=option.error + delta, nbytes=nbytes))
     frontier: list[Option] = []
     for option in sorted(options, key=lambda o: (o.nbytes, o.error)):
         if not frontier or option.error < frontier[-1].error:
@@ -196,7 +200,8 @@ def allocate_joint(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> JointPlan:
     """Measure what the joint solver needs (sensitivities, embedding KLs, block deletions), solve. The candidates
-    carry their packing errors (``build_candidates(..., packing_bits=config.joint_bits)``)."""
+    carry their packing errors (``build_candidates(..., packing_bits=config.joint_bits,
+    packing_rounding=config.joint_rounding)``)."""
     from .allocate import sensitivities
     from .calibration import calibration_windows
     from .layerchop import choose_blocks
@@ -205,7 +210,7 @@ def allocate_joint(
     names = list(candidates)
     alphas, source = sensitivities(model, tokenizer, candidates, config, on_progress)
     float_bytes = next(model.parameters()).element_size()
-    options = {n: priced_options(c, c.packing_errors, float_bytes, config.group_size) for n, c in candidates.items()}
+    options = {n: priced_options(c, float_bytes, config.group_size) for n, c in candidates.items()}
     windows = calibration_windows(tokenizer, config.search_tokens, min(512, config.search_tokens))
     kls = embedding_kls(model, windows, tuple(config.joint_bits), config.group_size)
     emb_tensors = embedding_tensors(model)

@@ -304,7 +304,8 @@ def _joint_decisions(model, tokenizer, config: CompressConfig, weights, covarian
 
     progress = None if on_stage is None else lambda name, done, total: on_stage("candidates", done, total)
     candidates = build_candidates(weights, covariances or None, config.candidate_layouts, config.damping, progress,
-                                  packing_bits=config.joint_bits, group_size=config.group_size)  # fmt: skip
+                                  packing_bits=config.joint_bits, group_size=config.group_size,
+                                  packing_rounding=config.joint_rounding)  # fmt: skip
     joint = allocate_joint(model, tokenizer, candidates, config, on_stage)
     covariances.clear()
     report.plan = joint.plan.to_dict()

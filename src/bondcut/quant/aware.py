@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from ..mpo_linear import MPOLinear
 from ..surgery import dense_weight, is_dense_layer, set_submodule
+from .memo import VersionMemo
 from .modules import QuantMPOLinear
 from .packing import check_bits, codes_for, fit_ranges, group_dividing, quantize, row_group, weight_groups
 
@@ -62,17 +63,15 @@ class FakeQuantized(nn.Module):
         super().__init__()
         check_bits(bits, group_size)
         self.bits, self.group_size, self.transposed = bits, group_size, transposed
-        self._rounded: tuple[tuple, torch.Tensor] | None = None
+        self._rounded: VersionMemo[torch.Tensor] = VersionMemo()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        if self._rounded is None or self._rounded[0] != key:
-            if self.transposed:
-                values = rounded_values(weight.t(), self.bits, self.group_size).t()
-            else:
-                values = rounded_values(weight, self.bits, self.group_size)
-            self._rounded = (key, values)
-        return _StraightThrough.apply(weight, self._rounded[1])
+        return _StraightThrough.apply(weight, self._rounded.get((weight,), lambda: self._round(weight)))
+
+    def _round(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return rounded_values(weight.t(), self.bits, self.group_size).t()
+        return rounded_values(weight, self.bits, self.group_size)
 
 
 def make_quant_aware(model: nn.Module, bits: int | Mapping[str, int], group_size: int, rest: bool = False) -> int:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .memo import VersionMemo
 from .packing import unpack_codes
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes
@@ -94,13 +95,9 @@ def kernel_weight(module: nn.Module, shape: tuple[int, int]) -> tuple[torch.Tens
 
 
 def cached_kernel_weight(module: nn.Module, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`kernel_weight` of ``module`` (buffers codes/scale/offset), built once per version of the codes."""
-    key = (module.codes.data_ptr(), module.codes._version, module.scale._version, module.offset._version)
-    cached = module.__dict__.get("_packed_kernel_cache")
-    if cached is None or cached[0] != key:
-        cached = (key, *kernel_weight(module, shape))
-        module.__dict__["_packed_kernel_cache"] = cached
-    return cached[1], cached[2]
+    """:func:`kernel_weight` of ``module`` (buffers codes/scale/offset), built once per version of them."""
+    memo = module.__dict__.setdefault("_packed_kernel_memo", VersionMemo())
+    return memo.get((module.codes, module.scale, module.offset), lambda: kernel_weight(module, shape))
 
 
 def kernel_linear(x: torch.Tensor, module: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
