@@ -123,7 +123,7 @@ def test_gptq_packing_is_priced_as_gptq_rounds_it(trained_model):
     low_rank4 = [o for o in options if o.layout == "lowrank" and o.bits == 4]
     plain = {o.chi: o.error for o in entry.options if o.layout == "lowrank"}
     assert low_rank4 and all(o.error == pytest.approx(plain[o.chi] + 2 * entry.packing_errors[4]) for o in low_rank4)
-    with pytest.raises(ValueError, match="packing_rounding must be 'rtn' or 'gptq'"):
+    with pytest.raises(ValueError, match="packing_rounding must be one of \\('rtn', 'gptq'\\)"):
         build_candidates({name: weight}, covs, ("lowrank",), packing_bits=(4,), packing_rounding="awq")
 
 

@@ -99,9 +99,13 @@ def build_candidates(
     (``packing_errors``, what one MPO core's rounding is priced from) and as ``packing_rounding`` packs the dense
     matrix (``dense_packing_errors``; "gptq" rounds activation-aware on the same input statistics).
     """
+    from .quant.apply import METHODS
+
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown or not layouts:
         raise ValueError(f"unknown candidate layouts {unknown or list(layouts)}; choose from {list(LAYOUTS)}")
+    if packing_rounding not in METHODS:
+        raise ValueError(f"packing_rounding must be one of {METHODS}, got {packing_rounding!r}")
     result = {}
     for index, (name, weight) in enumerate(weights.items()):
         cov = None if covariances is None else covariances[name]
@@ -140,8 +144,6 @@ def _packing_errors(
     from .quant.apply import QuantizeConfig
     from .quant.gptq import quantize_aware
 
-    if rounding not in ("rtn", "gptq"):
-        raise ValueError(f"packing_rounding must be 'rtn' or 'gptq', got {rounding!r}")
     metric = metric or OutputError(weight, None)
     nearest = {b: metric(dequantize(quantize(weight, b, group_size))) for b in bits}
     if rounding == "rtn" or cov is None:

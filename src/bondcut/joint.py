@@ -7,8 +7,9 @@ in the model's float dtype or packed to 8 or 4 bits (:mod:`bondcut.quant`). Per 
 Predicted damage, in nats of KL to the original per token, adds up:
 - a matrix option: alpha_l * e, with alpha_l fitted to the profile (:mod:`bondcut.allocate`) and e its relative
   output error. Packing adds its own output error: measured exactly for a dense matrix, rounded as the plan
-  will round it (GPTQ or to nearest; one product with the whitened inputs), and for MPO cores taken as (number of cores) x that of the dense matrix at the same bits
-  (each core's rounding adds a relative error of about the same size);
+  will round it (GPTQ or to nearest; one product with the whitened inputs), and for MPO cores taken as (number of
+  cores) x that of the dense matrix rounded to nearest at the same bits (cores are rounded to nearest; each core's
+  rounding adds a relative error of about the same size);
 - the embedding's precision: its KL measured directly on calibration tokens;
 - deleting k blocks: the KL measured when the greedy LayerChop order removes them (:func:`choose_blocks`).
 For every k in 0..max_blocks, the exact multiple-choice knapsack (in bytes) picks the matrices' options and
@@ -89,7 +90,7 @@ def priced_options(entry: MatrixCandidates, float_bytes: int, group_size: int) -
         options.append(replace(option, nbytes=math.ceil(option.params * float_bytes)))
         for bits, nearest in entry.packing_errors.items():
             if option.layout == "dense":
-                delta = entry.dense_packing_errors.get(bits, nearest)
+                delta = entry.dense_packing_errors[bits]
             else:
                 delta = len(entry.spectra[option.layout].layout) * nearest
             nbytes = math.ceil(option.params * bytes_per_weight(bits, float_bytes, group_size))
