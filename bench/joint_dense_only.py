@@ -2,7 +2,7 @@
 precision and block deletions as usual), so a plan's low-rank choices can be weighed against plain mixed precision
 at the same bytes. Writes a deferred model, to heal like the full joint plan:
 
-    python bench/joint_dense_only.py 75858056 JD
+    python bench/joint_dense_only.py 75858056 JD [--group-sizes 32,64,128]
     bondcut heal JD --out JD_AWARE --tokens 131072 --lr 2e-4 --rest-lr 3e-4 --train mpo+scales --quant-pending \\
         --eval-tokens 8192
 
@@ -29,9 +29,9 @@ def dense_options(entry: MatrixCandidates, float_bytes: int, group_size: int) ->
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python bench/joint_dense_only.py TARGET_BYTES OUT_DIR")
+    if len(sys.argv) < 3:
+        sys.exit("usage: python bench/joint_dense_only.py TARGET_BYTES OUT_DIR [more bondcut compress options]")
     joint.priced_options = dense_options
     sys.argv = ["bondcut", "compress", "smollm2-135m", "--target-bytes", sys.argv[1], "--defer-packing",
-                "--rounding", "gptq", "--out", sys.argv[2]]  # fmt: skip
+                "--rounding", "gptq", "--out", sys.argv[2], *sys.argv[3:]]  # fmt: skip
     main()

@@ -26,6 +26,7 @@ from bondcut.joint import (
 )
 from bondcut.layerchop import names_after_removal
 from bondcut.quant import quant_layouts
+from bondcut.quant.packing import group_dividing
 from bondcut.sizes import directory_weight_bytes
 
 
@@ -71,10 +72,10 @@ def test_solver_matches_brute_force(data, deletion_kls, emb, budget):
     alphas = dict.fromkeys(names, 1.0)
     if best is None:
         with pytest.raises(ValueError, match="no way to fit"):
-            solve_joint(options, alphas, embedding, block_of, order, deletion_kls, block_fixed, budget, fixed, 64)
+            solve_joint(options, alphas, embedding, block_of, order, deletion_kls, block_fixed, budget, fixed)
         return
     chosen, _, gone, stats = solve_joint(options, alphas, embedding, block_of, order, deletion_kls, block_fixed,
-                                         budget, fixed, 64)  # fmt: skip
+                                         budget, fixed)  # fmt: skip
     assert stats["bytes"] <= budget
     assert set(chosen) == {n for n in names if block_of[n] not in set(gone)}
     assert stats["predicted_kl"] == pytest.approx(best, abs=1e-9)
@@ -83,17 +84,20 @@ def test_solver_matches_brute_force(data, deletion_kls, emb, budget):
 def test_priced_options_are_a_frontier_with_exact_dense_packing_errors(trained_model):
     model, _ = trained_model
     weight = model.model.layers[4].self_attn.o_proj.weight.detach()
-    candidates = build_candidates({"o": weight}, None, ("lowrank",), packing_bits=(8, 4), group_size=64)
+    candidates = build_candidates({"o": weight}, None, ("lowrank",), packing_bits=(8, 4), packing_groups=(32, 64, 128))
     deltas = candidates["o"].packing_errors
-    assert 0 < deltas[8] < deltas[4] < 0.05
+    assert 0 < deltas[8, 64] < deltas[4, 64] < 0.05
+    assert deltas[4, 32] < deltas[4, 64] < deltas[4, 128]  # smaller groups round finer
     assert candidates["o"].dense_packing_errors == deltas  # rounded to nearest either way
     options = priced_options(candidates["o"], 4, 64)
     sizes, errors = [o.nbytes for o in options], [o.error for o in options]
     assert sizes == sorted(sizes) and errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)
     dense = {o.bits: o for o in options if o.layout == "dense"}
     assert dense[None].error == 0 and dense[None].nbytes == weight.numel() * 4
-    assert dense[4].error == pytest.approx(deltas[4]) and dense[4].nbytes == weight.numel() * 9 // 16
+    assert dense[4].error == pytest.approx(deltas[4, 64]) and dense[4].nbytes == weight.numel() * 9 // 16
     assert any(o.bits == 4 and o.layout == "lowrank" for o in options)  # packed low rank is on the frontier
+    dense32 = next(o for o in priced_options(candidates["o"], 4, 32) if o.layout == "dense" and o.bits == 4)
+    assert dense32.error == pytest.approx(deltas[4, 32]) and dense32.nbytes == weight.numel() * 5 // 8  # 4 + 32/32 bits
 
 
 def test_gptq_packing_is_priced_as_gptq_rounds_it(trained_model):
@@ -110,19 +114,19 @@ def test_gptq_packing_is_priced_as_gptq_rounds_it(trained_model):
     name = "model.layers.4.self_attn.o_proj"
     weight = model.get_submodule(name).weight.detach()
     covs, _ = input_covariances(model, tokenizer, [name], tokens=1024)
-    entry = build_candidates({name: weight}, covs, ("lowrank",), packing_bits=(8, 4), group_size=64,
-                             packing_rounding="gptq")[name]  # fmt: skip
+    entry = build_candidates({name: weight}, covs, ("lowrank",), packing_bits=(8, 4), packing_rounding="gptq")[name]
     for bits in (8, 4):
-        assert 0 < entry.dense_packing_errors[bits] < entry.packing_errors[bits]
+        assert 0 < entry.dense_packing_errors[bits, 64] < entry.packing_errors[bits, 64]
     metric = OutputError(weight, cholesky_factor(covs[name], 1e-2))
     stored = dequantize(quantize_aware(weight, covs[name], 4, 64, QuantizeConfig.damping))
-    assert entry.dense_packing_errors[4] == pytest.approx(metric(stored), rel=1e-6)
+    assert entry.dense_packing_errors[4, 64] == pytest.approx(metric(stored), rel=1e-6)
     options = priced_options(entry, 4, 64)
     dense4 = next(o for o in options if o.layout == "dense" and o.bits == 4)
-    assert dense4.error == pytest.approx(entry.dense_packing_errors[4])
+    assert dense4.error == pytest.approx(entry.dense_packing_errors[4, 64])
     low_rank4 = [o for o in options if o.layout == "lowrank" and o.bits == 4]
     plain = {o.chi: o.error for o in entry.options if o.layout == "lowrank"}
-    assert low_rank4 and all(o.error == pytest.approx(plain[o.chi] + 2 * entry.packing_errors[4]) for o in low_rank4)
+    nearest4 = entry.packing_errors[4, 64]
+    assert low_rank4 and all(o.error == pytest.approx(plain[o.chi] + 2 * nearest4) for o in low_rank4)
     with pytest.raises(ValueError, match="packing_rounding must be one of \\('rtn', 'gptq'\\)"):
         build_candidates({name: weight}, covs, ("lowrank",), packing_bits=(4,), packing_rounding="awq")
 
@@ -133,11 +137,16 @@ def test_target_bytes_compress_fits_the_file_and_reloads(fresh_trained_model, pr
     target = 430_000_000
     config = bondcut.CompressConfig(target_bytes=target, max_deleted_blocks=1, include=["re:layers\\.(2|3)\\."],
                                     profile=str(tmp_path / "profile.json"), search_tokens=256, profile_tokens=256,
-                                    calibration_tokens=1024)  # fmt: skip
+                                    calibration_tokens=1024, group_sizes=(32, 128))  # fmt: skip
     report = bondcut.compress(model, config, tokenizer=tokenizer)
     joint = report.joint
     assert joint["predicted_bytes"] <= target
     assert joint["embedding_bits"] in (8, 4)  # the only way to get under 430 MB
+    by_group = report.plan["search"]["predicted_kl_by_group_size"]  # one plan per group size, the least KL wins
+    assert set(by_group) == {32, 128} and joint["group_size"] == min(by_group, key=by_group.get)
+    group = joint["group_size"]
+    packed_groups = {layout["group_size"] for layout in quant_layouts(model).values() if "group_size" in layout}
+    assert group in packed_groups <= {group, group_dividing(model.config.hidden_size, group)}  # embedding rows: 576
     with torch.no_grad():
         logits = model(prompt_ids).logits
     bondcut.save(model, tmp_path / "joint", tokenizer=tokenizer)
@@ -150,6 +159,13 @@ def test_target_bytes_compress_fits_the_file_and_reloads(fresh_trained_model, pr
 def test_target_bytes_excludes_other_size_controls():
     with pytest.raises(ValueError, match="one size control"):
         bondcut.CompressConfig(ratio=0.5, target_bytes=10**8)
+    with pytest.raises(ValueError, match="group_sizes applies to the joint search"):
+        bondcut.CompressConfig(ratio=0.5, group_sizes=(32, 64))
+    with pytest.raises(ValueError, match="group sizes must be even numbers"):
+        bondcut.CompressConfig(target_bytes=10**8, group_sizes=(32, 63))
+    result = CliRunner().invoke(app, ["compress", "smollm2-135m", "--target-bytes", "60MB", "--group-sizes", "32;64",
+                                      "--out", "unused"])  # fmt: skip
+    assert result.exit_code == 2 and "--group-sizes takes even numbers" in " ".join(result.output.split())
 
 
 def _hand_plan(bits: dict[str, int], removed: list[int], embedding_bits: int | None) -> JointPlan:

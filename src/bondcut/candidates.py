@@ -45,9 +45,10 @@ class MatrixCandidates:
     spectra: dict[str, TwoSiteSpectrum] = field(default_factory=dict)
     options: list[Option] = field(default_factory=list)
     weight: torch.Tensor | None = field(default=None, repr=False)  # kept to price split-input layouts
-    packing_errors: dict[int, float] = field(default_factory=dict)  # bits -> relative error, rounded to nearest
-    # bits -> relative error of the dense matrix packed the way the plan packs it (GPTQ: below packing_errors)
-    dense_packing_errors: dict[int, float] = field(default_factory=dict)
+    # (bits, group size) -> relative error of the dense matrix rounded to nearest
+    packing_errors: dict[tuple[int, int], float] = field(default_factory=dict)
+    # (bits, group size) -> relative error of the dense matrix packed the way the plan packs it (GPTQ: below)
+    dense_packing_errors: dict[tuple[int, int], float] = field(default_factory=dict)
 
     @property
     def dense_params(self) -> int:
@@ -87,15 +88,15 @@ def build_candidates(
     damping: float = 1e-2,
     on_matrix: Callable[[str, int, int], None] | None = None,
     packing_bits: Sequence[int] = (),
-    group_size: int = 64,
+    packing_groups: Sequence[int] = (64,),
     packing_rounding: str = "rtn",
 ) -> dict[str, MatrixCandidates]:
     """Spectra and priced options for every matrix in ``weights`` ({name: (out x in) weight}).
 
     ``layouts`` names entries of :data:`LAYOUTS`; a layout a shape cannot take (e.g. balanced for a prime
     dimension) is left out for that matrix. Options never exceed the dense size (those would save nothing).
-    With ``packing_bits``, each entry also records the error of the dense matrix packed at those bits
-    (:mod:`bondcut.quant`; groups of ``group_size``), measured with the same metric: rounded to nearest
+    With ``packing_bits``, each entry also records the error of the dense matrix packed at those bits in groups of
+    each of ``packing_groups`` (:mod:`bondcut.quant`), measured with the same metric: rounded to nearest
     (``packing_errors``, what one MPO core's rounding is priced from) and as ``packing_rounding`` packs the dense
     matrix (``dense_packing_errors``; "gptq" rounds activation-aware on the same input statistics).
     """
@@ -113,7 +114,7 @@ def build_candidates(
         entry = MatrixCandidates(name, tuple(weight.shape), weight=weight.detach())
         if packing_bits:
             entry.packing_errors, entry.dense_packing_errors = _packing_errors(
-                weight.detach(), cov, metric, packing_bits, group_size, packing_rounding
+                weight.detach(), cov, metric, packing_bits, packing_groups, packing_rounding
             )
         entry.options.append(Option("dense", None, entry.dense_params, 0.0))
         for layout in layouts:
@@ -136,20 +137,21 @@ def _packing_errors(
     cov: torch.Tensor | None,
     metric: OutputError | None,
     bits: Sequence[int],
-    group_size: int,
+    groups: Sequence[int],
     rounding: str,
-) -> tuple[dict[int, float], dict[int, float]]:
-    """Relative output errors of ``weight`` packed at each of ``bits``: rounded to nearest, and as ``rounding``
-    packs it (GPTQ needs the input statistics ``cov``; without them it falls back to rounding to nearest)."""
+) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float]]:
+    """Relative output errors of ``weight`` packed at each of ``bits`` x ``groups``: rounded to nearest, and as
+    ``rounding`` packs it (GPTQ needs the input statistics ``cov``; without them it falls back to nearest)."""
     from .quant.apply import QuantizeConfig
     from .quant.gptq import quantize_aware
 
     metric = metric or OutputError(weight, None)
-    nearest = {b: metric(dequantize(quantize(weight, b, group_size))) for b in bits}
+    formats = [(b, g) for b in bits for g in groups]
+    nearest = {(b, g): metric(dequantize(quantize(weight, b, g))) for b, g in formats}
     if rounding == "rtn" or cov is None:
         return nearest, dict(nearest)
     damping = QuantizeConfig.damping  # the packing's own dampening, so the price matches what is stored
-    aware = {b: metric(dequantize(quantize_aware(weight, cov, b, group_size, damping))) for b in bits}
+    aware = {(b, g): metric(dequantize(quantize_aware(weight, cov, b, g, damping))) for b, g in formats}
     return nearest, aware
 
 

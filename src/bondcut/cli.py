@@ -25,6 +25,17 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _parse_group_sizes(text: str) -> tuple[int, ...]:
+    """'32,64,128' -> (32, 64, 128); anything else is a clear error."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes:
+        _fail(f"--group-sizes takes even numbers separated by commas, e.g. 32,64,128; got {text!r}")
+    return sizes
+
+
 def _parse_sites(sites: str) -> int | str:
     if sites in ("auto", "lowrank"):
         return sites
@@ -94,6 +105,13 @@ def compress(
         ),
     ] = None,  # fmt: skip
     max_deleted_blocks: Annotated[int, typer.Option(help="with --target-bytes: blocks it may delete")] = 4,
+    group_sizes: Annotated[
+        str,
+        typer.Option(
+            help="with --target-bytes: packing group sizes to try, comma-separated (one per plan, the least "
+            "predicted KL wins), e.g. 32,64,128"
+        ),
+    ] = "64",  # fmt: skip
     rounding: Annotated[
         str, typer.Option(help="with --target-bytes: round packed dense matrices 'gptq' (activation-aware) or 'rtn'")
     ] = "gptq",
@@ -125,6 +143,7 @@ def compress(
         config = CompressConfig(
             target_bytes=None if target_bytes is None else parse_bytes(target_bytes),
             max_deleted_blocks=max_deleted_blocks,
+            group_sizes=_parse_group_sizes(group_sizes) if target_bytes is not None else (),
             joint_rounding=rounding,
             defer_packing=defer_packing,
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
@@ -159,7 +178,8 @@ def compress(
     if report.joint:
         joint = report.joint
         console.print(f"joint plan: {len(joint['removed_blocks'])} blocks deleted {joint['removed_blocks']}, embedding "
-                      f"{joint['embedding_bits'] or 'float'}{' bits' if joint['embedding_bits'] else ''}, predicted "
+                      f"{joint['embedding_bits'] or 'float'}{' bits' if joint['embedding_bits'] else ''}, packed in "
+                      f"groups of {joint['group_size']}, predicted "
                       f"{joint['predicted_bytes'] / 1e6:.1f} MB of {joint['budget_bytes'] / 1e6:.1f} MB, "
                       f"predicted KL {joint['predicted_kl']:.3f} nats/token")  # fmt: skip
     if report.plan:

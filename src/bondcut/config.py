@@ -49,6 +49,8 @@ class CompressConfig:
             the embedding's precision and up to ``max_deleted_blocks`` whole blocks to delete.
         max_deleted_blocks: how many blocks the joint allocator may delete (0 = none).
         joint_bits: packed precisions the joint allocator may use; ``group_size``: weights per scale.
+        group_sizes: with ``target_bytes``: the group sizes the joint allocator tries, one per plan (each packed
+            tensor of a plan shares it); the one with the least predicted KL wins. Empty: ``(group_size,)``.
         joint_rounding: how its packed dense matrices and embedding are rounded: "gptq" (activation-aware, on
             calibration text; the plan prices each dense matrix's packing error with the same rounding) or "rtn".
         refit_tokens: after the surgery, refit the MPO layers block by block to the original's outputs on the
@@ -82,6 +84,7 @@ class CompressConfig:
     joint_rounding: str = "gptq"
     defer_packing: bool = False
     group_size: int = 64
+    group_sizes: tuple[int, ...] = ()
     refit_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +99,11 @@ class CompressConfig:
         if self.max_deleted_blocks < 0 or any(b not in (8, 4) for b in self.joint_bits):
             raise ValueError(f"max_deleted_blocks must be >= 0 and joint_bits a subset of (8, 4), got "
                              f"{self.max_deleted_blocks}, {self.joint_bits}")  # fmt: skip
+        if self.target_bytes is not None and any(g < 2 or g % 2 for g in self.joint_group_sizes):
+            raise ValueError(f"group sizes must be even numbers >= 2, got group_size={self.group_size}, "
+                             f"group_sizes={self.group_sizes}; e.g. group_sizes=(32, 64, 128)")  # fmt: skip
+        if self.group_sizes and self.target_bytes is None:
+            raise ValueError("group_sizes applies to the joint search: give target_bytes as well")
         if self.defer_packing and self.target_bytes is None:
             raise ValueError("defer_packing applies to the joint search: give target_bytes as well")
         if self.refit_tokens < 0 or (self.refit_tokens and self.target_bytes is not None):
@@ -134,6 +142,11 @@ class CompressConfig:
     def allocates(self) -> bool:
         """True when ``ratio`` is met by the profile-based allocator (not one uniform chi)."""
         return (self.ratio is not None and self.allocation == "profile") or self.target_bytes is not None
+
+    @property
+    def joint_group_sizes(self) -> tuple[int, ...]:
+        """The group sizes the joint allocator tries (``group_sizes``, or ``group_size`` alone)."""
+        return tuple(self.group_sizes) or (self.group_size,)
 
     @property
     def candidate_layouts(self) -> tuple[str, ...]:

@@ -81,16 +81,19 @@ class JointPlan:
 
 
 def priced_options(entry: MatrixCandidates, float_bytes: int, group_size: int) -> list[Option]:
-    """Every option at every precision, priced in bytes, keeping only those no other beats on bytes and error.
+    """Every option at every precision (packed in groups of ``group_size``), priced in bytes, keeping only those
+    no other beats on bytes and error.
 
     A packed dense matrix adds its measured packing error (``entry.dense_packing_errors``: as the plan rounds
     it); packed cores add (number of cores) x the dense matrix's error rounded to nearest, as cores are."""
     options = []
     for option in entry.options:
         options.append(replace(option, nbytes=math.ceil(option.params * float_bytes)))
-        for bits, nearest in entry.packing_errors.items():
+        for (bits, group), nearest in entry.packing_errors.items():
+            if group != group_size:
+                continue
             if option.layout == "dense":
-                delta = entry.dense_packing_errors[bits]
+                delta = entry.dense_packing_errors[bits, group]
             else:
                 delta = len(entry.spectra[option.layout].layout) * nearest
             nbytes = math.ceil(option.params * bytes_per_weight(bits, float_bytes, group_size))
@@ -126,6 +129,21 @@ def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...]
     return out
 
 
+def _embedding_prices(
+    tensors: list[torch.Tensor], float_bytes: int, group_size: int, kls: dict[int, float]
+) -> dict[int | None, tuple[int, float]]:
+    """The embedding's knapsack item: bits -> (bytes, KL); packed rows are cut in the largest even group
+    <= ``group_size`` that divides them (as :func:`bondcut.quant.quantize_model` packs it)."""
+    from .quant.packing import group_dividing
+
+    prices: dict[int | None, tuple[int, float]] = {None: (sum(p.numel() for p in tensors) * float_bytes, 0.0)}
+    for bits, kl in kls.items():
+        nbytes = sum(math.ceil(p.numel() * bytes_per_weight(bits, float_bytes, group_dividing(p.shape[1], group_size)))
+                     for p in tensors)  # fmt: skip
+        prices[bits] = (nbytes, kl)
+    return prices
+
+
 def embedding_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The embedding's weight and an untied head's (a tied head shares the embedding's: listed once)."""
     head = model.get_output_embeddings()
@@ -143,7 +161,6 @@ def solve_joint(
     block_fixed_bytes: dict[int, int],
     budget_bytes: int,
     fixed_bytes: int,
-    group_size: int,
     on_solve: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Option], int | None, list[int], dict]:
     """The knapsack per number of deleted blocks; the best total. ``embedding``: bits -> (bytes, KL)."""
@@ -211,14 +228,8 @@ def allocate_joint(
     names = list(candidates)
     alphas, source = sensitivities(model, tokenizer, candidates, config, on_progress)
     float_bytes = next(model.parameters()).element_size()
-    options = {n: priced_options(c, float_bytes, config.group_size) for n, c in candidates.items()}
     windows = calibration_windows(tokenizer, config.search_tokens, min(512, config.search_tokens))
-    kls = embedding_kls(model, windows, tuple(config.joint_bits), config.group_size)
     emb_tensors = embedding_tensors(model)
-    emb_numel = sum(p.numel() for p in emb_tensors)
-    embedding = {None: (emb_numel * float_bytes, 0.0)}
-    embedding.update({b: (math.ceil(emb_numel * bytes_per_weight(b, float_bytes, config.group_size)), kls[b])
-                      for b in config.joint_bits})  # fmt: skip
     blocks, index = block_list(model, names)
     block_of = {n: int(index.match(n).group(1)) for n in names}
     order, deletion_kls = [], []
@@ -231,12 +242,28 @@ def allocate_joint(
     fixed = {id(p): p.numel() * p.element_size() for p in model.parameters() if id(p) not in target_ids | emb_ids}
     block_fixed = {i: sum(fixed.get(id(p), 0) for p in block.parameters()) for i, block in enumerate(blocks)}
     budget = int(config.target_bytes)
-    chosen, bits, gone, stats = solve_joint(options, alphas, embedding, block_of, order, deletion_kls, block_fixed,
-                                            budget, sum(fixed.values()), config.group_size)  # fmt: skip
-    plan = joint_plan(candidates, alphas, chosen, gone, bits, budget, config.group_size, stats)
+    best, by_group = None, {}
+    for group in config.joint_group_sizes:
+        options = {n: priced_options(c, float_bytes, group) for n, c in candidates.items()}
+        kls = embedding_kls(model, windows, tuple(config.joint_bits), group)
+        embedding = _embedding_prices(emb_tensors, float_bytes, group, kls)
+        try:
+            chosen, bits, gone, stats = solve_joint(options, alphas, embedding, block_of, order, deletion_kls,
+                                                    block_fixed, budget, sum(fixed.values()))  # fmt: skip
+        except ValueError as err:  # this group size cannot fit the budget; another may
+            by_group[group], failure = None, err
+            continue
+        by_group[group] = stats["predicted_kl"]
+        if best is None or stats["predicted_kl"] < best[0]["predicted_kl"]:
+            best = (stats, chosen, bits, gone, group, kls)
+    if best is None:
+        raise failure
+    stats, chosen, bits, gone, group, kls = best
+    plan = joint_plan(candidates, alphas, chosen, gone, bits, budget, group, stats)
     plan.plan.search["profile"] = source
     plan.plan.search["embedding_kl"] = kls
     plan.plan.search["deletion_order"] = {"blocks": order, "kl": deletion_kls}
+    plan.plan.search["predicted_kl_by_group_size"] = by_group
     return plan
 
 

@@ -304,7 +304,7 @@ def _joint_decisions(model, tokenizer, config: CompressConfig, weights, covarian
 
     progress = None if on_stage is None else lambda name, done, total: on_stage("candidates", done, total)
     candidates = build_candidates(weights, covariances or None, config.candidate_layouts, config.damping, progress,
-                                  packing_bits=config.joint_bits, group_size=config.group_size,
+                                  packing_bits=config.joint_bits, packing_groups=config.joint_group_sizes,
                                   packing_rounding=config.joint_rounding)  # fmt: skip
     joint = allocate_joint(model, tokenizer, candidates, config, on_stage)
     covariances.clear()
