@@ -114,7 +114,8 @@ def test_gptq_packing_is_priced_as_gptq_rounds_it(trained_model):
     name = "model.layers.4.self_attn.o_proj"
     weight = model.get_submodule(name).weight.detach()
     covs, _ = input_covariances(model, tokenizer, [name], tokens=1024)
-    entry = build_candidates({name: weight}, covs, ("lowrank",), packing_bits=(8, 4), packing_rounding="gptq")[name]
+    entry = build_candidates({name: weight}, covs, ("lowrank",), packing_bits=(8, 4), packing_groups=(64, 128),
+                             packing_rounding="gptq")[name]  # fmt: skip
     for bits in (8, 4):
         assert 0 < entry.dense_packing_errors[bits, 64] < entry.packing_errors[bits, 64]
     metric = OutputError(weight, cholesky_factor(covs[name], 1e-2))
@@ -127,6 +128,10 @@ def test_gptq_packing_is_priced_as_gptq_rounds_it(trained_model):
     plain = {o.chi: o.error for o in entry.options if o.layout == "lowrank"}
     nearest4 = entry.packing_errors[4, 64]
     assert low_rank4 and all(o.error == pytest.approx(plain[o.chi] + 2 * nearest4) for o in low_rank4)
+    # GPTQ keeps groups inside rows: 128 asked of 576-entry rows packs (and is priced) in groups of 96
+    packed = quantize_aware(weight, covs[name], 4, 128, QuantizeConfig.damping)
+    dense128 = next(o for o in priced_options(entry, 4, 128) if o.layout == "dense" and o.bits == 4)
+    assert packed.group_size == entry.dense_groups[128] == 96 and dense128.nbytes == packed.nbytes
     with pytest.raises(ValueError, match="packing_rounding must be one of \\('rtn', 'gptq'\\)"):
         build_candidates({name: weight}, covs, ("lowrank",), packing_bits=(4,), packing_rounding="awq")
 

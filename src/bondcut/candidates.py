@@ -16,7 +16,7 @@ import torch
 
 from .mpo import SiteLayoutError, TwoSiteSpectrum, chi_for_fraction, two_site_spectrum
 from .mpo.whiten import cholesky_factor
-from .quant.packing import dequantize, quantize
+from .quant.packing import dequantize, group_dividing, quantize
 
 LAYOUTS: dict[str, int | str] = {"lowrank": "lowrank", "balanced": 2}  # candidate name -> sites spec
 # kept fractions at which split-input layouts are priced (each costs one rebuild and one error product)
@@ -49,6 +49,8 @@ class MatrixCandidates:
     packing_errors: dict[tuple[int, int], float] = field(default_factory=dict)
     # (bits, group size) -> relative error of the dense matrix packed the way the plan packs it (GPTQ: below)
     dense_packing_errors: dict[tuple[int, int], float] = field(default_factory=dict)
+    # group size asked -> the group the dense matrix is packed in (GPTQ keeps groups inside rows: a divisor)
+    dense_groups: dict[int, int] = field(default_factory=dict)
 
     @property
     def dense_params(self) -> int:
@@ -116,6 +118,8 @@ def build_candidates(
             entry.packing_errors, entry.dense_packing_errors = _packing_errors(
                 weight.detach(), cov, metric, packing_bits, packing_groups, packing_rounding
             )
+            aware = packing_rounding == "gptq" and cov is not None
+            entry.dense_groups = {g: group_dividing(weight.shape[1], g) if aware else g for g in packing_groups}
         entry.options.append(Option("dense", None, entry.dense_params, 0.0))
         for layout in layouts:
             try:

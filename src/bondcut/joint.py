@@ -85,7 +85,7 @@ def priced_options(entry: MatrixCandidates, float_bytes: int, group_size: int) -
     no other beats on bytes and error.
 
     A packed dense matrix adds its measured packing error (``entry.dense_packing_errors``: as the plan rounds
-    it); packed cores add (number of cores) x the dense matrix's error rounded to nearest, as cores are."""
+    it) and is priced in the groups it is stored in (``entry.dense_groups``); packed cores add (number of cores) x the dense matrix's error rounded to nearest, as cores are."""
     options = []
     for option in entry.options:
         options.append(replace(option, nbytes=math.ceil(option.params * float_bytes)))
@@ -93,10 +93,10 @@ def priced_options(entry: MatrixCandidates, float_bytes: int, group_size: int) -
             if group != group_size:
                 continue
             if option.layout == "dense":
-                delta = entry.dense_packing_errors[bits, group]
+                delta, stored_group = entry.dense_packing_errors[bits, group], entry.dense_groups[group]
             else:
-                delta = len(entry.spectra[option.layout].layout) * nearest
-            nbytes = math.ceil(option.params * bytes_per_weight(bits, float_bytes, group_size))
+                delta, stored_group = len(entry.spectra[option.layout].layout) * nearest, group
+            nbytes = math.ceil(option.params * bytes_per_weight(bits, float_bytes, stored_group))
             options.append(replace(option, bits=bits, error=option.error + delta, nbytes=nbytes))
     frontier: list[Option] = []
     for option in sorted(options, key=lambda o: (o.nbytes, o.error)):
