@@ -16,7 +16,7 @@ import torch
 
 from .mpo import SiteLayoutError, TwoSiteSpectrum, chi_for_fraction, two_site_spectrum
 from .mpo.whiten import cholesky_factor
-from .quant.packing import dequantize, group_dividing, quantize
+from .quant.packing import dequantize, quantize
 
 LAYOUTS: dict[str, int | str] = {"lowrank": "lowrank", "balanced": 2}  # candidate name -> sites spec
 # kept fractions at which split-input layouts are priced (each costs one rebuild and one error product)
@@ -115,11 +115,9 @@ def build_candidates(
         metric = None if cov is None else OutputError(weight.detach(), cholesky_factor(cov, damping))
         entry = MatrixCandidates(name, tuple(weight.shape), weight=weight.detach())
         if packing_bits:
-            entry.packing_errors, entry.dense_packing_errors = _packing_errors(
+            entry.packing_errors, entry.dense_packing_errors, entry.dense_groups = _packing_errors(
                 weight.detach(), cov, metric, packing_bits, packing_groups, packing_rounding
             )
-            aware = packing_rounding == "gptq" and cov is not None
-            entry.dense_groups = {g: group_dividing(weight.shape[1], g) if aware else g for g in packing_groups}
         entry.options.append(Option("dense", None, entry.dense_params, 0.0))
         for layout in layouts:
             try:
@@ -143,20 +141,24 @@ def _packing_errors(
     bits: Sequence[int],
     groups: Sequence[int],
     rounding: str,
-) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float]]:
+) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float], dict[int, int]]:
     """Relative output errors of ``weight`` packed at each of ``bits`` x ``groups``: rounded to nearest, and as
-    ``rounding`` packs it (GPTQ needs the input statistics ``cov``; without them it falls back to nearest)."""
+    ``rounding`` packs it (GPTQ needs the input statistics ``cov``; without them it falls back to nearest); and
+    per group asked, the group the packed dense matrix actually has (GPTQ keeps groups inside rows)."""
     from .quant.apply import QuantizeConfig
     from .quant.gptq import quantize_aware
 
     metric = metric or OutputError(weight, None)
     formats = [(b, g) for b in bits for g in groups]
-    nearest = {(b, g): metric(dequantize(quantize(weight, b, g))) for b, g in formats}
     if rounding == "rtn" or cov is None:
-        return nearest, dict(nearest)
+        nearest = {(b, g): quantize(weight, b, g) for b, g in formats}
+        errors = {key: metric(dequantize(packed)) for key, packed in nearest.items()}
+        return errors, dict(errors), {g: packed.group_size for (_, g), packed in nearest.items()}
     damping = QuantizeConfig.damping  # the packing's own dampening, so the price matches what is stored
-    aware = {(b, g): metric(dequantize(quantize_aware(weight, cov, b, g, damping))) for b, g in formats}
-    return nearest, aware
+    aware = {(b, g): quantize_aware(weight, cov, b, g, damping) for b, g in formats}
+    nearest_errors = {(b, g): metric(dequantize(quantize(weight, b, g))) for b, g in formats}
+    aware_errors = {key: metric(dequantize(packed)) for key, packed in aware.items()}
+    return nearest_errors, aware_errors, {g: packed.group_size for (_, g), packed in aware.items()}
 
 
 def _options(entry: MatrixCandidates, layout: str, metric: OutputError | None) -> list[Option]:

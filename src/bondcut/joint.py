@@ -85,7 +85,8 @@ def priced_options(entry: MatrixCandidates, float_bytes: int, group_size: int) -
     no other beats on bytes and error.
 
     A packed dense matrix adds its measured packing error (``entry.dense_packing_errors``: as the plan rounds
-    it) and is priced in the groups it is stored in (``entry.dense_groups``); packed cores add (number of cores) x the dense matrix's error rounded to nearest, as cores are."""
+    it) and is priced in the groups it is stored in (``entry.dense_groups``); packed cores add (number of cores)
+    x the dense matrix's error rounded to nearest, as cores are."""
     options = []
     for option in entry.options:
         options.append(replace(option, nbytes=math.ceil(option.params * float_bytes)))
@@ -241,7 +242,7 @@ def allocate_joint(
     emb_ids = {id(p) for p in emb_tensors}
     fixed = {id(p): p.numel() * p.element_size() for p in model.parameters() if id(p) not in target_ids | emb_ids}
     block_fixed = {i: sum(fixed.get(id(p), 0) for p in block.parameters()) for i, block in enumerate(blocks)}
-    budget = int(config.target_bytes)
+    budget, fixed_bytes = int(config.target_bytes), sum(fixed.values())
     best, by_group = None, {}
     for group in config.joint_group_sizes:
         options = {n: priced_options(c, float_bytes, group) for n, c in candidates.items()}
@@ -249,7 +250,7 @@ def allocate_joint(
         embedding = _embedding_prices(emb_tensors, float_bytes, group, kls)
         try:
             chosen, bits, gone, stats = solve_joint(options, alphas, embedding, block_of, order, deletion_kls,
-                                                    block_fixed, budget, sum(fixed.values()))  # fmt: skip
+                                                    block_fixed, budget, fixed_bytes)  # fmt: skip
         except ValueError as err:  # this group size cannot fit the budget; another may
             by_group[group], failure = None, err
             continue
