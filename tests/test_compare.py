@@ -117,3 +117,30 @@ def test_the_joint_row_heals_what_its_healing_mode_names():
     assert set(JOINT_HEALING_NOTES) == set(JOINT_HEALING)  # the report can say how every mode healed
     assert _what_trains("int4_gptq", with_cores, CompareConfig()) == "scales"
     assert _what_trains("layerchop", with_cores, CompareConfig()) == "all"
+
+
+def test_the_joint_row_is_planned_for_healing_when_it_heals(monkeypatch):
+    """With a healing budget the joint plan weights rounding damage as healing leaves it; without one, as packed.
+    The weight reaches the joint search and is a setting of the joint result (a change rebuilds it)."""
+    import pytest
+
+    import bondcut.surgery
+    from bondcut.compare import CompareConfig, build, method_settings
+    from bondcut.joint import HEALED_ROUNDING_WEIGHT
+
+    assert CompareConfig().joint_rounding_weight == HEALED_ROUNDING_WEIGHT
+    assert CompareConfig(heal_tokens=0).joint_rounding_weight == 1.0
+    assert CompareConfig(joint_rounding_weight=0.5).joint_rounding_weight == 0.5
+    assert method_settings("joint", CompareConfig()) != method_settings("joint", CompareConfig(joint_rounding_weight=1))
+    seen = []
+
+    def fake_compress(model, config, tokenizer=None):
+        seen.append(config)
+        raise RuntimeError("stop before the search")
+
+    monkeypatch.setattr(bondcut.surgery, "compress", fake_compress)
+    with pytest.raises(RuntimeError, match="stop before the search"):
+        build("joint", None, None, CompareConfig(joint_rounding_weight=0.5), target_bytes=10**8)
+    assert seen[0].rounding_weight == 0.5 and seen[0].target_bytes == 10**8 and seen[0].defer_packing
+    result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--joint-rounding-weight", "2"])
+    assert result.exit_code == 2 and "joint_rounding_weight must be in (0, 1]" in _flat(result.output)

@@ -100,6 +100,39 @@ def test_priced_options_are_a_frontier_with_exact_dense_packing_errors(trained_m
     assert dense32.error == pytest.approx(deltas[4, 32]) and dense32.nbytes == weight.numel() * 5 // 8  # 4 + 32/32 bits
 
 
+def test_rounding_weight_scales_packing_errors_and_shifts_the_plan_toward_packing(trained_model):
+    """Planning for a healed model counts rounding damage at a fraction of truncation's: float options keep their
+    error, packed ones carry weight x their rounding error; in the knapsack a smaller weight never buys more
+    truncation, and on real q/o projections (o the more sensitive) it stops truncating q to afford int8 on o."""
+    from bondcut.calibration import input_covariances
+
+    model, tokenizer = trained_model
+    names = ["model.layers.4.self_attn.q_proj", "model.layers.4.self_attn.o_proj"]
+    weights = {n: model.get_submodule(n).weight.detach() for n in names}
+    covs, _ = input_covariances(model, tokenizer, names, tokens=1024)
+    entries = build_candidates(weights, covs, ("lowrank",), packing_bits=(8, 4), packing_rounding="gptq")
+    q = entries[names[0]]
+    plain = {n: {(o.layout, o.chi): o.error for o in entries[n].options} for n in names}
+    for w in (1.0, 0.3):
+        for o in priced_options(q, 4, 64, rounding_weight=w):
+            rounding = 0 if o.bits is None else q.dense_packing_errors[o.bits, 64] if o.layout == "dense" else \
+                2 * q.packing_errors[o.bits, 64]  # fmt: skip
+            assert o.error == pytest.approx(plain[names[0]][o.layout, o.chi] + w * rounding)
+    alphas = {names[0]: 0.2, names[1]: 5.0}
+    budget = int(1.6 * weights[names[0]].numel())  # both int4 dense fit (1.125); o at int8 needs q truncated
+    truncation, o_bits = [], []
+    for w in (1.0, 0.6, 0.3, 0.1):
+        options = {n: priced_options(entries[n], 4, 64, rounding_weight=w) for n in names}
+        chosen, _, _, stats = solve_joint(options, alphas, {None: (0, 0.0)}, dict.fromkeys(names, 0), [], [], {0: 0},
+                                          budget, 0)  # fmt: skip
+        assert stats["bytes"] <= budget
+        truncation.append(sum(alphas[n] * plain[n][o.layout, o.chi] for n, o in chosen.items()))
+        o_bits.append(chosen[names[1]].bits)
+    assert truncation == sorted(truncation, reverse=True)  # less weight on rounding: never more truncation
+    assert truncation[0] > 0 and o_bits[0] == 8  # weight 1: q truncated to afford int8 on o
+    assert truncation[-1] == 0 and o_bits[-1] == 4  # weight 0.1: both packed int4 dense
+
+
 def test_gptq_packing_is_priced_as_gptq_rounds_it(trained_model):
     """The joint plan packs dense matrices with GPTQ: their price is GPTQ's measured output error (below rounding
     to nearest on the same inputs), exactly what the packed layer then holds; cores keep nearest rounding's."""
@@ -142,13 +175,14 @@ def test_target_bytes_compress_fits_the_file_and_reloads(fresh_trained_model, pr
     target = 430_000_000
     config = bondcut.CompressConfig(target_bytes=target, max_deleted_blocks=1, include=["re:layers\\.(2|3)\\."],
                                     profile=str(tmp_path / "profile.json"), search_tokens=256, profile_tokens=256,
-                                    calibration_tokens=1024, group_sizes=(32, 128))  # fmt: skip
+                                    calibration_tokens=1024, group_sizes=(32, 128), rounding_weight=0.3)  # fmt: skip
     report = bondcut.compress(model, config, tokenizer=tokenizer)
     joint = report.joint
     assert joint["predicted_bytes"] <= target
     assert joint["embedding_bits"] in (8, 4)  # the only way to get under 430 MB
     by_group = report.plan["search"]["predicted_kl_by_group_size"]  # one plan per group size, the least KL wins
     assert set(by_group) == {32, 128} and joint["group_size"] == min(by_group, key=by_group.get)
+    assert report.plan["search"]["rounding_weight"] == 0.3
     group = joint["group_size"]
     packed_groups = {layout["group_size"] for layout in quant_layouts(model).values() if "group_size" in layout}
     assert group in packed_groups <= {group, group_dividing(model.config.hidden_size, group)}  # embedding rows: 576
@@ -168,6 +202,14 @@ def test_target_bytes_excludes_other_size_controls():
         bondcut.CompressConfig(ratio=0.5, group_sizes=(32, 64))
     with pytest.raises(ValueError, match="group sizes must be even numbers"):
         bondcut.CompressConfig(target_bytes=10**8, group_sizes=(32, 63))
+    for weight in (0, 1.5):
+        with pytest.raises(ValueError, match="rounding_weight .* must be in \\(0, 1\\]"):
+            bondcut.CompressConfig(target_bytes=10**8, rounding_weight=weight)
+    with pytest.raises(ValueError, match="rounding_weight applies to the joint search"):
+        bondcut.CompressConfig(ratio=0.5, rounding_weight=0.3)
+    result = CliRunner().invoke(app, ["compress", "smollm2-135m", "--target-bytes", "60MB", "--rounding-weight", "0",
+                                      "--out", "unused"])  # fmt: skip
+    assert result.exit_code == 2 and "rounding_weight is the share" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["compress", "smollm2-135m", "--target-bytes", "60MB", "--group-sizes", "32;64",
                                       "--out", "unused"])  # fmt: skip
     assert result.exit_code == 2 and "--group-sizes takes even numbers" in " ".join(result.output.split())

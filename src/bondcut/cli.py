@@ -115,6 +115,13 @@ def compress(
     rounding: Annotated[
         str, typer.Option(help="with --target-bytes: round packed dense matrices 'gptq' (activation-aware) or 'rtn'")
     ] = "gptq",
+    rounding_weight: Annotated[
+        float,
+        typer.Option(
+            help="with --target-bytes: weight of rounding damage against truncation's in the plan (1 = the model "
+            "as packed; 0.3 = planned for healing, which takes back more of rounding's damage)"
+        ),
+    ] = 1.0,  # fmt: skip
     defer_packing: Annotated[
         bool,
         typer.Option(
@@ -145,6 +152,7 @@ def compress(
             max_deleted_blocks=max_deleted_blocks,
             group_sizes=_parse_group_sizes(group_sizes) if target_bytes is not None else (),
             joint_rounding=rounding,
+            rounding_weight=rounding_weight,
             defer_packing=defer_packing,
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
             exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens, allocation=allocation,
@@ -755,6 +763,10 @@ def compare_command(
         str | None, typer.Option(help="the joint method's budget, e.g. 60MB (default: bondcut_int4's size)")
     ] = None,
     joint_blocks: Annotated[int, typer.Option(help="blocks the joint method may delete")] = 4,
+    joint_rounding_weight: Annotated[
+        float | None,
+        typer.Option(help="joint: weight of rounding damage against truncation's in its plan (0.3 when healing)"),
+    ] = None,
 ) -> None:
     """Original vs int8 vs int4 vs truncated SVD vs aware low rank vs LayerChop vs bondcut (and + int4): one table."""
     from .compare import METHODS, CompareConfig, compare
@@ -769,6 +781,7 @@ def compare_command(
                                search_evaluations=search, chop_rule=chop_rule, quantize_cores=quantize_cores,
                                threads=threads, bench_repeats=bench_repeats,
                                bench_train_batch=bench_train_batch, joint_blocks=joint_blocks,
+                               joint_rounding_weight=joint_rounding_weight,
                                target_bytes=None if target_bytes is None else parse_bytes(target_bytes))  # fmt: skip
     except ValueError as err:
         _fail(str(err))

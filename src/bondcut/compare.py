@@ -13,7 +13,8 @@ Every method starts from the same original model and, where it trains, gets the 
 - ``bondcut``: profile allocation + aware decomposition + search; ``bondcut_int4``: that model after healing,
   with embeddings, head and dense layers packed to 4 bits (the paper's "MPO + 4-bit" model);
 - ``joint``: one byte budget (``target_bytes``, default: bondcut_int4's file size) shared by MPO layouts and χ,
-  int8/int4 packing and block deletion, chosen together (:mod:`bondcut.joint`). ``joint_healing="float"``: its
+  int8/int4 packing and block deletion, chosen together (:mod:`bondcut.joint`; planned for the healed model,
+  rounding damage weighted ``joint_rounding_weight`` against truncation's). ``joint_healing="float"``: its
   float structure (MPO cores, blocks deleted) is healed, then packed; ``"packed"``: packed first, then its group
   scales and offsets healed like the int rows; ``"aware"`` (the default): its dense layers and embedding packed
   first, then its MPO cores trained through the rounding the plan gives them beside the packed layers' scales, then
@@ -67,6 +68,7 @@ class CompareConfig:
     quantize_cores: bool = False
     target_bytes: int | None = None  # the joint method's budget; None = the size of bondcut_int4's weights
     joint_blocks: int = 4
+    joint_rounding_weight: float | None = None  # None: planned for healing (HEALED_ROUNDING_WEIGHT) when it heals
     group_size: int = 64
     rounding: str = "gptq"  # how bondcut_int4 and joint round their packed dense weights (int4 / int4_gptq: both)
     bench_repeats: int = 3
@@ -95,6 +97,12 @@ class CompareConfig:
         if self.heal_tokens < 0 or self.eval_tokens < 2:
             raise ValueError(f"need heal_tokens >= 0 and eval_tokens >= 2, got {self.heal_tokens}, {self.eval_tokens}")
         trains = self.heal_tokens > 0  # without a budget original_tuned would repeat the original
+        if self.joint_rounding_weight is None:
+            from .joint import HEALED_ROUNDING_WEIGHT
+
+            self.joint_rounding_weight = HEALED_ROUNDING_WEIGHT if trains else 1.0
+        if not 0 < self.joint_rounding_weight <= 1:
+            raise ValueError(f"joint_rounding_weight must be in (0, 1], got {self.joint_rounding_weight}")
         self.methods = tuple(m for m in METHODS if m in self.methods and (trains or m != "original_tuned"))
 
 
@@ -141,8 +149,8 @@ SETTINGS = {  # method -> the CompareConfig fields its result depends on (beyond
     "layerchop": ("ratio", "chop_rule", "heal_lr", "distill"),
     "bondcut": ("ratio", "search_evaluations", "heal_lr", "distill"),
     "bondcut_int4": ("group_size", "rounding", "quantize_cores"),
-    "joint": ("target_bytes", "joint_blocks", "group_size", "rounding", "joint_healing", "heal_lr", "scale_lr",
-              "distill"),
+    "joint": ("target_bytes", "joint_blocks", "joint_rounding_weight", "group_size", "rounding", "joint_healing",
+              "heal_lr", "scale_lr", "distill"),
 }  # fmt: skip
 SHARED_SETTINGS = ("heal_tokens", "eval_tokens", "tasks", "task_limit", "seed")
 SPEED_ONLY_SETTINGS = ("methods", "bench_repeats", "bench_train_batch", "threads")  # no method's result depends on them
@@ -182,7 +190,7 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, targe
     if method == "joint":
         joint = compress(model, CompressConfig(target_bytes=target_bytes, max_deleted_blocks=config.joint_blocks,
                                                group_size=config.group_size, joint_rounding=config.rounding,
-                                               defer_packing=True),
+                                               rounding_weight=config.joint_rounding_weight, defer_packing=True),
                          tokenizer=tokenizer).joint  # fmt: skip
         return (f"joint plan for {target_bytes / 1e6:.1f} MB: blocks deleted {joint['removed_blocks']}, embedding "
                 f"{joint['embedding_bits'] or 'float'}")  # fmt: skip

@@ -53,6 +53,10 @@ class CompressConfig:
             tensor of a plan shares it); the one with the least predicted KL wins. Empty: ``(group_size,)``.
         joint_rounding: how its packed dense matrices and embedding are rounded: "gptq" (activation-aware, on
             calibration text; the plan prices each dense matrix's packing error with the same rounding) or "rtn".
+        rounding_weight: with ``target_bytes``: how much rounding damage counts against truncation's in the
+            plan. 1 (default) minimizes the predicted KL of the model as packed; a model that will be healed keeps
+            less of its rounding damage than of its truncation damage (:data:`bondcut.joint.HEALED_ROUNDING_WEIGHT`,
+            measured on SmolLM2-135M), so plan for it with that weight.
         refit_tokens: after the surgery, refit the MPO layers block by block to the original's outputs on the
             inputs the compressed model gives them, on this many calibration tokens (:mod:`bondcut.refit`; 0 = off).
             Same layouts and sizes; costs a second copy of the model while it runs. Not with ``target_bytes``.
@@ -82,6 +86,7 @@ class CompressConfig:
     max_deleted_blocks: int = 4
     joint_bits: tuple[int, ...] = (8, 4)
     joint_rounding: str = "gptq"
+    rounding_weight: float = 1.0
     defer_packing: bool = False
     group_size: int = 64
     group_sizes: tuple[int, ...] = ()
@@ -104,6 +109,11 @@ class CompressConfig:
                              f"group_sizes={self.group_sizes}; e.g. group_sizes=(32, 64, 128)")  # fmt: skip
         if self.group_sizes and self.target_bytes is None:
             raise ValueError("group_sizes applies to the joint search: give target_bytes as well")
+        if not 0 < self.rounding_weight <= 1:
+            raise ValueError(f"rounding_weight is the share of rounding damage the plan counts and must be in (0, 1], "
+                             f"got {self.rounding_weight}; e.g. 0.3 for a model to be healed")  # fmt: skip
+        if self.rounding_weight != 1 and self.target_bytes is None:
+            raise ValueError("rounding_weight applies to the joint search: give target_bytes as well")
         if self.defer_packing and self.target_bytes is None:
             raise ValueError("defer_packing applies to the joint search: give target_bytes as well")
         if self.refit_tokens < 0 or (self.refit_tokens and self.target_bytes is not None):

@@ -12,6 +12,9 @@ Predicted damage, in nats of KL to the original per token, adds up:
   rounding adds a relative error of about the same size);
 - the embedding's precision: its KL measured directly on calibration tokens;
 - deleting k blocks: the KL measured when the greedy LayerChop order removes them (:func:`choose_blocks`).
+Rounding damage (packing errors and the embedding's KL) is weighted by ``rounding_weight`` against truncation's:
+1 predicts the KL of the model as packed; a model healed afterwards keeps less of its rounding damage
+(:data:`HEALED_ROUNDING_WEIGHT`).
 For every k in 0..max_blocks, the exact multiple-choice knapsack (in bytes) picks the matrices' options and
 the embedding's precision; the k with the least predicted total wins.
 """
@@ -31,6 +34,11 @@ from .knapsack import solve_knapsack
 from .quant.packing import dequantize, quantize
 
 EMBEDDING = "<embedding>"  # the knapsack item of the token embedding (and the LM head)
+
+HEALED_ROUNDING_WEIGHT = 0.3
+"""Rounding damage's weight against truncation's when planning for a healed model. Measured on SmolLM2-135M healed
+on 131,072 tokens (bench/results/issue7/joint_vs_int4_g128_size.json): healing keeps about 0.27 of the
+log-perplexity damage int4 rounding does (the scales train) and about 0.89 of what low rank does."""
 
 
 def bytes_per_weight(bits: int | None, float_bytes: int, group_size: int) -> float:
@@ -80,13 +88,15 @@ class JointPlan:
         return cls(**{**data, "plan": Plan.from_dict(data["plan"])})
 
 
-def priced_options(entry: MatrixCandidates, float_bytes: int, group_size: int) -> list[Option]:
+def priced_options(
+    entry: MatrixCandidates, float_bytes: int, group_size: int, rounding_weight: float = 1.0
+) -> list[Option]:
     """Every option at every precision (packed in groups of ``group_size``), priced in bytes, keeping only those
     no other beats on bytes and error.
 
     A packed dense matrix adds its measured packing error (``entry.dense_packing_errors``: as the plan rounds
     it) and is priced in the groups it is stored in (``entry.dense_groups``); packed cores add (number of cores)
-    x the dense matrix's error rounded to nearest, as cores are."""
+    x the dense matrix's error rounded to nearest, as cores are. Packing errors count ``rounding_weight`` times."""
     options = []
     for option in entry.options:
         options.append(replace(option, nbytes=math.ceil(option.params * float_bytes)))
@@ -98,7 +108,7 @@ def priced_options(entry: MatrixCandidates, float_bytes: int, group_size: int) -
             else:
                 delta, stored_group = len(entry.spectra[option.layout].layout) * nearest, group
             nbytes = math.ceil(option.params * bytes_per_weight(bits, float_bytes, stored_group))
-            options.append(replace(option, bits=bits, error=option.error + delta, nbytes=nbytes))
+            options.append(replace(option, bits=bits, error=option.error + rounding_weight * delta, nbytes=nbytes))
     frontier: list[Option] = []
     for option in sorted(options, key=lambda o: (o.nbytes, o.error)):
         if not frontier or option.error < frontier[-1].error:
@@ -245,9 +255,10 @@ def allocate_joint(
     budget, fixed_bytes = int(config.target_bytes), sum(fixed.values())
     best, by_group = None, {}
     for group in config.joint_group_sizes:
-        options = {n: priced_options(c, float_bytes, group) for n, c in candidates.items()}
+        weight = config.rounding_weight
+        options = {n: priced_options(c, float_bytes, group, weight) for n, c in candidates.items()}
         kls = embedding_kls(model, windows, tuple(config.joint_bits), group)
-        embedding = _embedding_prices(emb_tensors, float_bytes, group, kls)
+        embedding = _embedding_prices(emb_tensors, float_bytes, group, {b: weight * kl for b, kl in kls.items()})
         try:
             chosen, bits, gone, stats = solve_joint(options, alphas, embedding, block_of, order, deletion_kls,
                                                     block_fixed, budget, fixed_bytes)  # fmt: skip
@@ -265,6 +276,7 @@ def allocate_joint(
     plan.plan.search["embedding_kl"] = kls
     plan.plan.search["deletion_order"] = {"blocks": order, "kl": deletion_kls}
     plan.plan.search["predicted_kl_by_group_size"] = by_group
+    plan.plan.search["rounding_weight"] = config.rounding_weight
     return plan
 
 
