@@ -11,8 +11,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from .progress import LoggedProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make causal LMs small with MPOs, and prove it.")
 # wide enough for module names when output is piped (rich defaults to 80 columns off a terminal)
@@ -163,7 +165,7 @@ def compress(
         _fail(str(err))
     source = _resolve(model)
     net, tokenizer = _load(model, source)
-    with Progress(
+    with LoggedProgress(
         TextColumn("[bold]compressing"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     ) as progress:  # fmt: skip
@@ -342,7 +344,7 @@ def eval_command(
     if fast and any(isinstance(m, bondcut.MPOLinear) for m in net.modules()):
         with console.status("choosing each MPO layer's fastest exact inference path"):
             bondcut.tune(net, allow_dense=True)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+    with LoggedProgress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} {task.fields[unit]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:  # fmt: skip
         task = progress.add_task("perplexity", total=None, unit="windows")
@@ -407,7 +409,7 @@ def bench(
         settings = BenchSettings(
             threads=threads, train_params=train_params, tune=tune, allow_dense=allow_dense, **shapes
         )
-        with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        with LoggedProgress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console) as progress:  # fmt: skip
             task = progress.add_task("", total=None)
 
@@ -471,7 +473,7 @@ def profile_command(
     except ValueError:
         _fail(f"--fractions must be numbers in (0, 1) separated by commas, e.g. 0.1,0.25,0.5; got {fractions!r}")
     net, tokenizer = _load(model, _resolve(model))
-    with Progress(TextColumn("[bold]profile[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with LoggedProgress(TextColumn("[bold]profile[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:  # fmt: skip
         task = progress.add_task("", total=None)
         try:
@@ -585,7 +587,7 @@ def heal_command(
     net, tokenizer = _load(model, _resolve(model))
     original = _load(teacher, _resolve(teacher))[0] if teacher else None
     checkpoints = out.with_name(f"{out.name}.checkpoint")
-    with Progress(TextColumn("[bold]heal[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+    with LoggedProgress(TextColumn("[bold]heal[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                   TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console) as progress:  # fmt: skip
         task = progress.add_task("", total=config.steps)
