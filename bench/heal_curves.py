@@ -6,6 +6,11 @@ figure is reported as a ratio to it. No model runs here: the numbers are the run
 
     python bench/heal_curves.py "LM loss:bench/results/issue6/heal_m70_lm_full_pass.json" \
         "0.5 LM + 0.5 distillation:M70_KD/heal.json" --reference 35.39 --out bench/results/issue6/heal_m70_curves.json
+
+``--paired 1-16,33-64``: also each run's training loss minus the first run's, step by step, as mean ± standard
+error over those step ranges. Runs of the same seed, batch and sequence length see the same fresh batches in the
+same order, so the paired difference compares the models on far more text than the held-out set, with the
+batch-to-batch noise cancelled.
 """
 
 from __future__ import annotations
@@ -54,6 +59,28 @@ def summarize_run(label: str, run: dict, reference: float | None) -> dict:
     }
 
 
+def paired_losses(base: dict, other: dict, ranges: list[tuple[int, int]]) -> dict[str, tuple[float, float]]:
+    """Per-step training loss of ``other`` minus ``base`` over each (first, last) step range: (mean, s.e.)."""
+    same = ("seed", "batch_size", "seq_len", "first_batch")  # first_batch: 0 in runs older than the setting
+
+    def settings(run: dict) -> list:
+        return [run["config"].get(k, 0 if k == "first_batch" else None) for k in same]
+
+    if settings(base) != settings(other):
+        raise SystemExit(f"paired losses need runs on the same batches: {same} must match, got "
+                         f"{settings(base)} and {settings(other)}")  # fmt: skip
+    losses = [{point["step"]: point["loss"] for point in run["curve"]} for run in (base, other)]
+    out = {}
+    for first, last in ranges:
+        diffs = [losses[1][s] - losses[0][s] for s in range(first, last + 1) if s in losses[0] and s in losses[1]]
+        if len(diffs) < 2:
+            raise SystemExit(f"steps {first}-{last}: fewer than 2 steps in both runs")
+        mean = sum(diffs) / len(diffs)
+        se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+        out[f"steps_{first}_{last}"] = (round(mean, 5), round(se, 5))
+    return out
+
+
 def plot(runs: list[dict], reference: float | None, path: Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -76,8 +103,15 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="LABEL:PATH of a heal.json, one per run")
     parser.add_argument("--reference", type=float, help="the original's perplexity on the same held-out tokens")
     parser.add_argument("--out", type=Path, required=True, help="JSON path; the PNG goes beside it")
+    parser.add_argument("--paired", help="step ranges, e.g. 1-16,33-64: training loss minus the first run's")
     args = parser.parse_args()
-    runs = [summarize_run(label, run, args.reference) for label, run in map(load_run, args.runs)]
+    loaded = [load_run(spec) for spec in args.runs]
+    runs = [summarize_run(label, run, args.reference) for label, run in loaded]
+    if args.paired:
+        ranges = [tuple(int(x) for x in part.split("-")) for part in args.paired.split(",")]
+        for summary, (_, run) in zip(runs[1:], loaded[1:]):
+            summary["loss_minus_first_run"] = paired_losses(loaded[0][1], run, ranges)
+            print(f"{summary['label']} minus {runs[0]['label']}: {summary['loss_minus_first_run']}")
     write_json(args.out, {"reference_perplexity": args.reference, "runs": runs})
     plot(runs, args.reference, args.out.with_suffix(".png"))
     for run in runs:
