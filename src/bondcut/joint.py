@@ -253,9 +253,8 @@ def allocate_joint(
     fixed = {id(p): p.numel() * p.element_size() for p in model.parameters() if id(p) not in target_ids | emb_ids}
     block_fixed = {i: sum(fixed.get(id(p), 0) for p in block.parameters()) for i, block in enumerate(blocks)}
     budget, fixed_bytes = int(config.target_bytes), sum(fixed.values())
-    best, by_group = None, {}
+    best, by_group, weight = None, {}, config.rounding_weight
     for group in config.joint_group_sizes:
-        weight = config.rounding_weight
         options = {n: priced_options(c, float_bytes, group, weight) for n, c in candidates.items()}
         kls = embedding_kls(model, windows, tuple(config.joint_bits), group)
         embedding = _embedding_prices(emb_tensors, float_bytes, group, {b: weight * kl for b, kl in kls.items()})
