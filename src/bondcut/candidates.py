@@ -150,15 +150,15 @@ def _packing_errors(
 
     metric = metric or OutputError(weight, None)
     formats = [(b, g) for b in bits for g in groups]
+    nearest = {(b, g): quantize(weight, b, g) for b, g in formats}
     if rounding == "rtn" or cov is None:
-        nearest = {(b, g): quantize(weight, b, g) for b, g in formats}
-        errors = {key: metric(dequantize(packed)) for key, packed in nearest.items()}
-        return errors, dict(errors), {g: packed.group_size for (_, g), packed in nearest.items()}
-    damping = QuantizeConfig.damping  # the packing's own dampening, so the price matches what is stored
-    aware = {(b, g): quantize_aware(weight, cov, b, g, damping) for b, g in formats}
-    nearest_errors = {(b, g): metric(dequantize(quantize(weight, b, g))) for b, g in formats}
-    aware_errors = {key: metric(dequantize(packed)) for key, packed in aware.items()}
-    return nearest_errors, aware_errors, {g: packed.group_size for (_, g), packed in aware.items()}
+        stored = nearest
+    else:
+        damping = QuantizeConfig.damping  # the packing's own dampening, so the price matches what is stored
+        stored = {(b, g): quantize_aware(weight, cov, b, g, damping) for b, g in formats}
+    nearest_errors = {key: metric(dequantize(packed)) for key, packed in nearest.items()}
+    stored_errors = nearest_errors if stored is nearest else {k: metric(dequantize(p)) for k, p in stored.items()}
+    return nearest_errors, dict(stored_errors), {g: packed.group_size for (_, g), packed in stored.items()}
 
 
 def _options(entry: MatrixCandidates, layout: str, metric: OutputError | None) -> list[Option]:
