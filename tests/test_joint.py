@@ -100,6 +100,19 @@ def test_priced_options_are_a_frontier_with_exact_dense_packing_errors(trained_m
     assert dense32.error == pytest.approx(deltas[4, 32]) and dense32.nbytes == weight.numel() * 5 // 8  # 4 + 32/32 bits
 
 
+def test_three_and_two_bit_packing_are_priced_between_int4_and_low_rank(trained_model):
+    """With widths 4, 3, 2 asked, a dense matrix's packed options cost 4.5, 3.5, 2.5 bits (groups of 64) and
+    damage it in that order; the frontier keeps what no other option beats."""
+    model, _ = trained_model
+    weight = model.model.layers[4].self_attn.o_proj.weight.detach()
+    entry = build_candidates({"o": weight}, None, ("lowrank",), packing_bits=(4, 3, 2), packing_groups=(64,))["o"]
+    deltas = entry.packing_errors
+    assert deltas[4, 64] < deltas[3, 64] < deltas[2, 64]
+    dense = {o.bits: o for o in priced_options(entry, 4, 64) if o.layout == "dense"}
+    assert 3 in dense  # 3.5 bits at ~2x int4's error: no low rank of that size beats it on this matrix
+    assert (dense[4].nbytes, dense[3].nbytes) == (weight.numel() * 9 // 16, weight.numel() * 7 // 16)
+
+
 def test_rounding_weight_scales_packing_errors_and_shifts_the_plan_toward_packing(trained_model):
     """Planning for a healed model counts rounding damage at a fraction of truncation's: float options keep their
     error, packed ones carry weight x their rounding error; in the knapsack a smaller weight never buys more
@@ -200,8 +213,13 @@ def test_target_bytes_excludes_other_size_controls():
         bondcut.CompressConfig(ratio=0.5, target_bytes=10**8)
     with pytest.raises(ValueError, match="group_sizes applies to the joint search"):
         bondcut.CompressConfig(ratio=0.5, group_sizes=(32, 64))
-    with pytest.raises(ValueError, match="group sizes must be even numbers"):
+    with pytest.raises(ValueError, match="group sizes must be multiples of 2"):
         bondcut.CompressConfig(target_bytes=10**8, group_sizes=(32, 63))
+    with pytest.raises(ValueError, match=r"multiples of 8 \(>= 8\) for widths \(4, 3\)"):  # 3-bit groups fill bytes
+        bondcut.CompressConfig(target_bytes=10**8, group_sizes=(36, 64), joint_bits=(4, 3))
+    for bits in ((), (4, 5)):
+        with pytest.raises(ValueError, match="joint_bits a non-empty subset of"):
+            bondcut.CompressConfig(target_bytes=10**8, joint_bits=bits)
     for weight in (0, 1.5):
         with pytest.raises(ValueError, match="rounding_weight .* must be in \\(0, 1\\]"):
             bondcut.CompressConfig(target_bytes=10**8, rounding_weight=weight)
@@ -212,7 +230,10 @@ def test_target_bytes_excludes_other_size_controls():
     assert result.exit_code == 2 and "rounding_weight is the share" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["compress", "smollm2-135m", "--target-bytes", "60MB", "--group-sizes", "32;64",
                                       "--out", "unused"])  # fmt: skip
-    assert result.exit_code == 2 and "--group-sizes takes even numbers" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "--group-sizes takes whole numbers" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["compress", "smollm2-135m", "--target-bytes", "60MB", "--bits", "4,5",
+                                      "--out", "unused"])  # fmt: skip
+    assert result.exit_code == 2 and "joint_bits a non-empty subset" in " ".join(result.output.split())
 
 
 def _hand_plan(bits: dict[str, int], removed: list[int], embedding_bits: int | None) -> JointPlan:

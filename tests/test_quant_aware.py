@@ -158,8 +158,8 @@ def test_a_deferred_joint_model_heals_through_its_plans_rounding_and_saves_fully
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--quant-bits", "3"], "bits must be 8 or 4"),
-        (["--quant-bits", "4", "--quant-group-size", "5"], "group_size must be an even number"),
+        (["--quant-bits", "5"], "bits must be one of 8, 4, 3, 2"),
+        (["--quant-bits", "4", "--quant-group-size", "5"], "group_size must be a multiple of 2"),
         (["--quant-bits", "4", "--train", "scales"], "does not combine with train='scales'"),
         (["--quant-bits", "4", "--quant-pending"], "choose one"),
         (["--quant-pending"], "needs a model with a pending packing"),

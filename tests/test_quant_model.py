@@ -137,6 +137,32 @@ def test_saved_int4_model_is_small_and_reloads_with_the_same_logits(int4_model, 
     assert len(text) > len(tokenizer.decode(prompt_ids[0]))
 
 
+def test_int3_model_is_smaller_still_reloads_exactly_and_sits_between_int4_and_int2(
+    int4_model, trained_model, prompt_ids, tmp_path
+):
+    """3 and 2 bits run without a CPU kernel (dequantized in the forward): 3 bits at groups of 128 store under
+    11 % of fp32, reload to the same logits, and damage the model more than int4 and less than int2."""
+    original, tokenizer = trained_model
+    kls = {}
+    with torch.no_grad():
+        reference = original(prompt_ids).logits
+        kls[4] = _kl(reference, int4_model[0](prompt_ids).logits)
+        for bits in (3, 2):
+            model = copy.deepcopy(original)
+            report = quantize_model(model, QuantizeConfig(bits=bits, group_size=128))
+            kls[bits] = _kl(reference, model(prompt_ids).logits)
+            if bits == 3:
+                int3, int3_report = model, report
+    assert kls[4] < kls[3] < kls[2]
+    assert sum(int3_report.bytes_after.values()) < 0.11 * sum(int3_report.bytes_before.values())  # 3.25 of 32 bits
+    bondcut.save(int3, tmp_path / "q3", tokenizer=tokenizer)
+    layouts = json.loads((tmp_path / "q3" / "config.json").read_text())["quantization_config"]["quantized"]
+    assert layouts["model.embed_tokens"]["bits"] == 3
+    reloaded, _ = bondcut.load(tmp_path / "q3")
+    with torch.no_grad():
+        assert torch.equal(reloaded(prompt_ids).logits, int3(prompt_ids).logits)
+
+
 def test_mpo_cores_pack_and_reload(fresh_trained_model, prompt_ids, tmp_path):
     model, tokenizer = fresh_trained_model
     bondcut.compress(model, bondcut.CompressConfig(chi=32, sites="lowrank", include=["re:layers\\.[01]\\.mlp\\."]))
@@ -157,8 +183,8 @@ def test_mpo_cores_pack_and_reload(fresh_trained_model, prompt_ids, tmp_path):
 
 def test_cli_quantize_end_to_end_and_bad_input(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["quantize", "smollm2-135m", "--bits", "3", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "bits must be 8 or 4" in " ".join(result.output.split())
+    result = runner.invoke(app, ["quantize", "smollm2-135m", "--bits", "5", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "bits must be one of 8, 4, 3, 2" in " ".join(result.output.split())
     assert not (tmp_path / "x").exists()
     result = runner.invoke(app, ["quantize", "smollm2-135m", "--bits", "8", "--out", str(tmp_path / "q8")])
     assert result.exit_code == 0, result.output

@@ -27,15 +27,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _parse_group_sizes(text: str) -> tuple[int, ...]:
-    """'32,64,128' -> (32, 64, 128); anything else is a clear error."""
+def _parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
+    """'32,64,128' -> (32, 64, 128); anything else is a clear error naming ``option``."""
     try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        sizes = ()
-    if not sizes:
-        _fail(f"--group-sizes takes even numbers separated by commas, e.g. 32,64,128; got {text!r}")
-    return sizes
+        values = ()
+    if not values:
+        _fail(f"{option} takes whole numbers separated by commas, e.g. {example}; got {text!r}")
+    return values
+
+
+def _parse_group_sizes(text: str) -> tuple[int, ...]:
+    return _parse_int_list(text, "--group-sizes", "32,64,128")
 
 
 def _parse_sites(sites: str) -> int | str:
@@ -114,6 +118,13 @@ def compress(
             "predicted KL wins), e.g. 32,64,128"
         ),
     ] = "64",  # fmt: skip
+    bits: Annotated[
+        str,
+        typer.Option(
+            help="with --target-bytes: packed widths the search may give a matrix, comma-separated, from 8,4,3,2 "
+            "(3 and 2 bits have no fast CPU kernel: they dequantize in the forward)"
+        ),
+    ] = "8,4",  # fmt: skip
     rounding: Annotated[
         str, typer.Option(help="with --target-bytes: round packed dense matrices 'gptq' (activation-aware) or 'rtn'")
     ] = "gptq",
@@ -153,6 +164,7 @@ def compress(
             target_bytes=None if target_bytes is None else parse_bytes(target_bytes),
             max_deleted_blocks=max_deleted_blocks,
             group_sizes=_parse_group_sizes(group_sizes) if target_bytes is not None else (),
+            joint_bits=_parse_int_list(bits, "--bits", "8,4,3"),
             joint_rounding=rounding,
             rounding_weight=rounding_weight,
             defer_packing=defer_packing,
@@ -550,7 +562,7 @@ def heal_command(
     quant_bits: Annotated[
         int,
         typer.Option(
-            help="8 or 4: train the MPO cores through their rounding to that width (quantization-aware) and save "
+            help="8, 4, 3 or 2: train the MPO cores through their rounding to that width (quantization-aware) and save "
             "them packed; 0 = float cores"
         ),
     ] = 0,
@@ -631,7 +643,10 @@ def heal_command(
 def quantize_command(
     model: Annotated[str, typer.Argument(help="a bondcut directory (compressed or healed), HF directory or alias")],
     out: Annotated[Path, typer.Option(help="directory to write the quantized model to")],
-    bits: Annotated[int, typer.Option(help="8 or 4 bits per weight (group-wise scales, stored packed)")] = 4,
+    bits: Annotated[
+        int,
+        typer.Option(help="8, 4, 3 or 2 bits per weight (group-wise scales, stored packed; 8 and 4 have CPU kernels)"),
+    ] = 4,
     group_size: Annotated[
         int,
         typer.Option(

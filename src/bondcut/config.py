@@ -101,12 +101,16 @@ class CompressConfig:
             raise ValueError(f"no size given: set chi, ratio, tol or target_bytes; {example}")
         if self.target_bytes is not None and self.target_bytes <= 0:
             raise ValueError(f"target_bytes must be positive, got {self.target_bytes}; {example}")
-        if self.max_deleted_blocks < 0 or any(b not in (8, 4) for b in self.joint_bits):
-            raise ValueError(f"max_deleted_blocks must be >= 0 and joint_bits a subset of (8, 4), got "
-                             f"{self.max_deleted_blocks}, {self.joint_bits}")  # fmt: skip
-        if self.target_bytes is not None and any(g < 2 or g % 2 for g in self.joint_group_sizes):
-            raise ValueError(f"group sizes must be even numbers >= 2, got group_size={self.group_size}, "
-                             f"group_sizes={self.group_sizes}; e.g. group_sizes=(32, 64, 128)")  # fmt: skip
+        from .quant.packing import BITS, group_multiple
+
+        if self.max_deleted_blocks < 0 or not self.joint_bits or any(b not in BITS for b in self.joint_bits):
+            raise ValueError(f"max_deleted_blocks must be >= 0 and joint_bits a non-empty subset of {BITS}, got "
+                             f"{self.max_deleted_blocks}, {self.joint_bits}; e.g. joint_bits=(8, 4, 3)")  # fmt: skip
+        multiple = max(group_multiple(b) for b in self.joint_bits)
+        if self.target_bytes is not None and any(g < multiple or g % multiple for g in self.joint_group_sizes):
+            raise ValueError(f"group sizes must be multiples of {multiple} (>= {multiple}) for widths "
+                             f"{self.joint_bits}, got group_size={self.group_size}, group_sizes={self.group_sizes}; "
+                             "e.g. group_sizes=(32, 64, 128)")  # fmt: skip
         if self.group_sizes and self.target_bytes is None:
             raise ValueError("group_sizes applies to the joint search: give target_bytes as well")
         if not 0 < self.rounding_weight <= 1:

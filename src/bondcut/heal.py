@@ -74,7 +74,7 @@ class HealConfig:
             in the last core); "balanced" regauges every MPO layer first so each bond index weighs the same on both
             of its cores (the operator is unchanged; :mod:`bondcut.mpo.gauge`): measured ahead early in a pass but
             behind at its end (README, healing section).
-        quant_bits: 0 trains float weights; 8 or 4 trains the MPO cores (with train="all", also every dense layer,
+        quant_bits: 0 trains float weights; 8, 4, 3 or 2 trains the MPO cores (with train="all", also every dense layer,
             the embedding and the head) through the rounding packing will apply (group-wise, ``quant_group`` entries
             per fp16 scale and offset; straight-through gradients, :mod:`bondcut.quant.aware`) and packs them when
             done, so the healed model is stored at that width without a lossy packing step.

@@ -1,8 +1,9 @@
 """One budget, one search: bytes on disk shared among MPO layouts and χ, packed precision, and whole blocks.
 
 Per SA/MLP matrix the options are every priced (layout, χ) of :mod:`bondcut.candidates` and dense, each stored
-in the model's float dtype or packed to 8 or 4 bits (:mod:`bondcut.quant`). Per model, the token embedding
-(and the LM head) is float, int8 or int4, and up to ``max_blocks`` decoder blocks may be deleted (LayerChop).
+in the model's float dtype or packed at one of the widths asked (8 and 4 by default; 3 and 2 as well,
+:mod:`bondcut.quant`). Per model, the token embedding (and the LM head) is float or packed at one of those widths,
+and up to ``max_blocks`` decoder blocks may be deleted (LayerChop).
 
 Predicted damage, in nats of KL to the original per token, adds up:
 - a matrix option: alpha_l * e, with alpha_l fitted to the profile (:mod:`bondcut.allocate`) and e its relative
@@ -131,7 +132,7 @@ def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...]
     for b in bits:
         saved = {k: p.detach().clone() for k, p in tensors.items()}
         for p in tensors.values():
-            p.copy_(dequantize(quantize(p, b, group_dividing(p.shape[1], group_size))))
+            p.copy_(dequantize(quantize(p, b, group_dividing(p.shape[1], group_size, b))))
         try:
             out[b] = float((reference.exp() * (reference - logprobs())).sum(-1).mean())
         finally:
@@ -149,7 +150,7 @@ def _embedding_prices(
 
     prices: dict[int | None, tuple[int, float]] = {None: (sum(p.numel() for p in tensors) * float_bytes, 0.0)}
     for bits, kl in kls.items():
-        nbytes = sum(math.ceil(p.numel() * bytes_per_weight(bits, float_bytes, group_dividing(p.shape[1], group_size)))
+        nbytes = sum(math.ceil(p.numel() * bytes_per_weight(bits, float_bytes, group_dividing(p.shape[1], group_size, bits)))
                      for p in tensors)  # fmt: skip
         prices[bits] = (nbytes, kl)
     return prices

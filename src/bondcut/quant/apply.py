@@ -135,7 +135,7 @@ def quantize_model(
 
     if config.embeddings and isinstance(embedding, nn.Embedding):
         weight = embedding.weight
-        group = group_dividing(weight.shape[1], row_group(config.group_size, weight.shape[1]))
+        group = group_dividing(weight.shape[1], row_group(config.group_size, weight.shape[1]), config.bits)
         if tied and head_name in grams:
             packed = quantize_aware(weight, grams.pop(head_name), config.bits, group, config.damping)
         else:

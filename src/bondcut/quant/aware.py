@@ -113,7 +113,7 @@ def _make_rest_quant_aware(model: nn.Module, bits: int, group_size: int) -> int:
     count = len(dense)
     if isinstance(embedding, nn.Embedding):
         width = embedding.weight.shape[1]
-        grid = group_dividing(width, row_group(group_size, width))
+        grid = group_dividing(width, row_group(group_size, width), bits)
         tied = head is not None and head.weight is embedding.weight
         parametrize.register_parametrization(embedding, "weight", FakeQuantized(bits, grid))
         count += 1

@@ -29,7 +29,7 @@ def quantize_aware(
     if gram.shape != (in_features, in_features):
         raise ValueError(f"gram must be ({in_features}, {in_features}) for a weight of {tuple(weight.shape)}, "
                          f"got {tuple(gram.shape)}")  # fmt: skip
-    group = group_dividing(in_features, group_size)
+    group = group_dividing(in_features, group_size, bits)
     w = weight.detach().double().clone()
     h = gram.detach().double().clone()
     dead = torch.diagonal(h) == 0

@@ -1,4 +1,4 @@
-"""Layers whose weights are stored packed (8 or 4 bits, group-wise) and dequantized on the fly in forward.
+"""Layers whose weights are stored packed (8, 4, 3 or 2 bits, group-wise) and dequantized on the fly in forward.
 
 Each packed tensor is three buffers (``codes``, ``scale``, ``offset``), so ``state_dict``/safetensors hold the
 packed bytes and the file shrinks. Forward dequantizes the weight for that call only (nothing float is kept),

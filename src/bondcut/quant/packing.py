@@ -1,10 +1,11 @@
-"""Group-wise weight-only quantization to 8 or 4 bits, stored packed: pure functions on tensors.
+"""Group-wise weight-only quantization to 8, 4, 3 or 2 bits, stored packed: pure functions on tensors.
 
 A tensor is flattened in row-major order and cut into groups of ``group_size`` consecutive entries (the
 last group zero-padded). Each group keeps an fp16 ``scale`` and ``offset`` (its minimum), and every entry an
 unsigned code ``q`` in [0, 2^bits - 1] with ``w ≈ offset + q * scale`` (asymmetric round-to-nearest, the
-llama.cpp Q4_1 / Q8_1 recipe). 4-bit codes are packed two per byte, so a weight costs
-``bits + 32 / group_size`` bits: 4.5 (int4) or 8.5 (int8) at the default group of 64.
+llama.cpp Q4_1 / Q8_1 recipe). Codes are packed densely, little-end first: two per byte at 4 bits, four at 2,
+eight per three bytes at 3; so a weight costs ``bits + 32 / group_size`` bits: 4.5 (int4) or 8.5 (int8) at the
+default group of 64. A group must fill whole bytes (a multiple of 2, 4 and 8 entries at 4, 2 and 3 bits).
 
 When a tensor's last dimension is a multiple of ``group_size``, groups never straddle rows, so single
 rows can be dequantized alone (embedding lookups do that). ``group_size=0`` (:data:`PER_ROW`) asks for one group
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-BITS = (8, 4)
+BITS = (8, 4, 3, 2)
 PER_ROW = 0  # group_size meaning "one group per row of the matrix"
 DEFAULT_GROUP = 64  # what tensors without rows of their own (MPO cores) use when PER_ROW is asked
 
@@ -39,17 +40,23 @@ class PackedTensor:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset))
 
 
+def group_multiple(bits: int) -> int:
+    """Entries a group's size must be a multiple of, so that the group fills whole bytes (and an even number)."""
+    return {8: 2, 4: 2, 3: 8, 2: 4}[bits]
+
+
 def check_bits(bits: int, group_size: int, per_row_allowed: bool = False) -> None:
     """Raise a clear error for an unsupported bit width or group size. :data:`PER_ROW` is a choice of the whole
     model's configuration (resolved per matrix by :func:`row_group`), not a size a tensor can be cut by."""
     if bits not in BITS:
-        raise ValueError(f"bits must be 8 or 4, got {bits!r}; example: bondcut quantize DIR --bits 4")
+        raise ValueError(f"bits must be one of 8, 4, 3, 2, got {bits!r}; example: bondcut quantize DIR --bits 4")
     if per_row_allowed and group_size == PER_ROW:
         return
-    if group_size < 2 or group_size % 2:
+    multiple = group_multiple(bits)
+    if group_size < multiple or group_size % multiple:
         per_row = ", or 0 for one group per row" if per_row_allowed else ""
-        raise ValueError(f"group_size must be an even number >= 2{per_row}, got {group_size!r}; "
-                         "example: --group-size 64")  # fmt: skip
+        raise ValueError(f"group_size must be a multiple of {multiple} (>= {multiple}) at {bits} bits{per_row}, got "
+                         f"{group_size!r}; example: --group-size 64")  # fmt: skip
 
 
 def row_group(group_size: int, row_length: int) -> int:
@@ -57,27 +64,43 @@ def row_group(group_size: int, row_length: int) -> int:
     return row_length if group_size == PER_ROW else group_size
 
 
-def group_dividing(length: int, group_size: int) -> int:
-    """The largest even group size <= ``group_size`` that divides ``length`` (rows then dequantize alone)."""
+def group_dividing(length: int, group_size: int, bits: int = 8) -> int:
+    """The largest group size <= ``group_size`` that divides ``length`` (rows then dequantize alone) and fills whole
+    bytes at ``bits`` (:func:`group_multiple`)."""
+    multiple = group_multiple(bits)
     for size in range(min(group_size, length), 1, -1):
-        if length % size == 0 and size % 2 == 0:
+        if length % size == 0 and size % multiple == 0:
             return size
-    raise ValueError(f"no even group size <= {group_size} divides a row of {length} entries")
+    raise ValueError(f"no group size <= {group_size} that is a multiple of {multiple} divides a row of {length} "
+                     f"entries (at {bits} bits)")  # fmt: skip
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Flat uint8 codes -> storage bytes: unchanged at 8 bits, two per byte (low nibble first) at 4."""
+    """Flat uint8 codes (a whole number of bytes' worth) -> storage bytes, low bits first: unchanged at 8 bits,
+    ``8 // bits`` per byte at 4 and 2, eight codes per three bytes (one 24-bit word) at 3."""
     if bits == 8:
         return codes
-    pairs = codes.view(-1, 2)  # (numel/2, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
+    if bits == 3:
+        words = codes.view(-1, 8).to(torch.int32) << torch.arange(0, 24, 3, dtype=torch.int32, device=codes.device)
+        word = words.sum(dim=1, dtype=torch.int32)  # (numel/8,): disjoint bit fields, so the sum is an OR
+        return torch.stack([(word >> shift) & 0xFF for shift in (0, 8, 16)], dim=1).flatten().to(torch.uint8)
+    per_byte = 8 // bits
+    fields = codes.view(-1, per_byte) << torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return fields.sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: storage bytes -> flat uint8 codes."""
+    """Inverse of :func:`pack_codes` on the last dimension: storage bytes (..., B) -> codes (..., B * 8 / bits)."""
     if bits == 8:
         return stored
-    return torch.stack((stored & 0x0F, stored >> 4), dim=-1).flatten(-2)  # (..., 2 * bytes)
+    mask = (1 << bits) - 1
+    if bits == 3:
+        triples = stored.view(*stored.shape[:-1], -1, 3).to(torch.int32)  # (..., words, 3)
+        word = triples[..., 0] | (triples[..., 1] << 8) | (triples[..., 2] << 16)
+        shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=stored.device)
+        return ((word.unsqueeze(-1) >> shifts) & mask).to(torch.uint8).flatten(-2)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=stored.device)
+    return ((stored.unsqueeze(-1) >> shifts) & mask).flatten(-2)
 
 
 CLIP_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
