@@ -144,8 +144,8 @@ def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...]
 def _embedding_prices(
     tensors: list[torch.Tensor], float_bytes: int, group_size: int, kls: dict[int, float]
 ) -> dict[int | None, tuple[int, float]]:
-    """The embedding's knapsack item: bits -> (bytes, KL); packed rows are cut in the largest even group
-    <= ``group_size`` that divides them (as :func:`bondcut.quant.quantize_model` packs it)."""
+    """The embedding's knapsack item: bits -> (bytes, KL); packed rows are cut in the largest group
+    <= ``group_size`` that divides them and fills whole bytes (as :func:`bondcut.quant.quantize_model` packs it)."""
     from .quant.packing import group_dividing
 
     prices: dict[int | None, tuple[int, float]] = {None: (sum(p.numel() for p in tensors) * float_bytes, 0.0)}

@@ -42,14 +42,15 @@ class PackedTensor:
 
 def group_multiple(bits: int) -> int:
     """Entries a group's size must be a multiple of, so that the group fills whole bytes (and an even number)."""
-    return {8: 2, 4: 2, 3: 8, 2: 4}[bits]
+    return max(2, 8 // math.gcd(bits, 8))
 
 
 def check_bits(bits: int, group_size: int, per_row_allowed: bool = False) -> None:
     """Raise a clear error for an unsupported bit width or group size. :data:`PER_ROW` is a choice of the whole
     model's configuration (resolved per matrix by :func:`row_group`), not a size a tensor can be cut by."""
     if bits not in BITS:
-        raise ValueError(f"bits must be one of 8, 4, 3, 2, got {bits!r}; example: bondcut quantize DIR --bits 4")
+        widths = ", ".join(map(str, BITS))
+        raise ValueError(f"bits must be one of {widths}, got {bits!r}; example: bondcut quantize DIR --bits 4")
     if per_row_allowed and group_size == PER_ROW:
         return
     multiple = group_multiple(bits)
