@@ -60,7 +60,8 @@ def summarize_run(label: str, run: dict, reference: float | None) -> dict:
 
 
 def paired_losses(base: dict, other: dict, ranges: list[tuple[int, int]]) -> dict[str, tuple[float, float]]:
-    """Per-step training loss of ``other`` minus ``base`` over each (first, last) step range: (mean, s.e.)."""
+    """Per-step training loss of ``other`` minus ``base`` over each (first, last) step range: (mean, s.e.). The
+    next-token part (``lm_loss``) where a run records it, so runs with distillation terms compare with LM-only ones."""
     same = ("seed", "batch_size", "seq_len", "first_batch")  # first_batch: 0 in runs older than the setting
 
     def settings(run: dict) -> list:
@@ -69,7 +70,7 @@ def paired_losses(base: dict, other: dict, ranges: list[tuple[int, int]]) -> dic
     if settings(base) != settings(other):
         raise SystemExit(f"paired losses need runs on the same batches: {same} must match, got "
                          f"{settings(base)} and {settings(other)}")  # fmt: skip
-    losses = [{point["step"]: point["loss"] for point in run["curve"]} for run in (base, other)]
+    losses = [{p["step"]: p.get("lm_loss", p["loss"]) for p in run["curve"]} for run in (base, other)]
     out = {}
     for first, last in ranges:
         diffs = [losses[1][s] - losses[0][s] for s in range(first, last + 1) if s in losses[0] and s in losses[1]]

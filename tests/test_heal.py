@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import bondcut
 from bondcut import CompressConfig, MPOLinear
 from bondcut.cli import app
-from bondcut.heal import HealConfig, distillation_loss, heal, lr_factor
+from bondcut.heal import HealConfig, distillation_loss, heal, hidden_state_loss, lr_factor
 
 runner = CliRunner()
 BLOCK_1 = ["re:layers\\.1\\.mlp\\."]
@@ -83,6 +83,51 @@ def test_distillation_needs_a_teacher(compressed_dir):
     model, tokenizer = bondcut.load(compressed_dir)
     with pytest.raises(ValueError, match="teacher"):
         heal(model, tokenizer, HealConfig(**SMALL, distill=0.5))
+
+
+def test_hidden_state_loss_is_the_mean_relative_error_of_the_blocks_outputs():
+    teacher = tuple(torch.randn(2, 5, 8) for _ in range(4))
+    assert float(hidden_state_loss(teacher, teacher)) == 0.0
+    doubled = (torch.randn(2, 5, 8),) + tuple(2 * h for h in teacher[1:])  # the embedding entry does not count
+    assert float(hidden_state_loss(doubled, teacher)) == pytest.approx(1.0)
+    one_block_off = teacher[:3] + (torch.zeros(2, 5, 8),)
+    assert float(hidden_state_loss(one_block_off, teacher)) == pytest.approx(1 / 3)
+
+
+def _block_error(model, teacher, ids) -> float:
+    with torch.no_grad():
+        mine = model(input_ids=ids, output_hidden_states=True).hidden_states
+        theirs = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+    return float(hidden_state_loss(mine, theirs))
+
+
+def test_hidden_state_distillation_pulls_the_blocks_toward_the_teacher(compressed_dir, trained_model, heldout_text):
+    """On held-out text, the healed blocks' outputs end closer to the original's with the hidden-state term than
+    with next-token loss alone, on the same batches, and perplexity still recovers."""
+    teacher, tokenizer = trained_model
+    ids = tokenizer(heldout_text[:4000], return_tensors="pt").input_ids[:, :256]
+    errors = {}
+    for weight in (0.0, 1.0):
+        model, _ = bondcut.load(compressed_dir)
+        errors["before"] = _block_error(model, teacher, ids)
+        result = heal(model, tokenizer, HealConfig(**SMALL, hidden_distill=weight), teacher=teacher)
+        assert result.evals[-1]["perplexity"] < result.evals[0]["perplexity"]
+        errors[weight] = _block_error(model, teacher, ids)
+    assert errors[1.0] < errors[0.0] and errors[1.0] < errors["before"]
+
+
+def test_hidden_state_distillation_needs_a_teacher_of_the_same_depth(compressed_dir, trained_model):
+    import copy
+
+    teacher, tokenizer = trained_model
+    model, _ = bondcut.load(compressed_dir)
+    with pytest.raises(ValueError, match="teacher"):
+        heal(model, tokenizer, HealConfig(**SMALL, hidden_distill=1.0))
+    shallow = copy.deepcopy(teacher)
+    del shallow.model.layers[-1]
+    shallow.config.num_hidden_layers -= 1
+    with pytest.raises(ValueError, match="the model has 30 blocks and the teacher 29"):
+        heal(model, tokenizer, HealConfig(**SMALL, hidden_distill=1.0), teacher=shallow)
 
 
 def _heal_args(source, out, extra=()):
@@ -153,6 +198,8 @@ def test_two_processes_under_torchrun_give_the_one_process_curve(compressed_dir,
         (["--tokens", "0"], "must be positive"),
         (["--rest-lr", "1e-5"], "only applies with train='all'"),
         (["--gauge", "diagonal"], "gauge must be one of"),
+        (["--hidden-distill", "-1"], "hidden_distill must be >= 0"),
+        (["--hidden-distill", "1", "--teacher-top-k", "64"], "set teacher_top_k=0"),
     ],
 )
 def test_bad_heal_input_is_a_clear_error(compressed_dir, tmp_path, args, message):

@@ -520,6 +520,13 @@ def heal_command(
             "data skip the teacher (0 = run it alongside)"
         ),
     ] = 0,  # fmt: skip
+    hidden_distill: Annotated[
+        float,
+        typer.Option(
+            help="with --teacher: weight of a term pulling each block's output toward the teacher's (relative "
+            "squared error per position; the teacher runs on every batch); 0 = none"
+        ),
+    ] = 0.0,  # fmt: skip
     seq_len: Annotated[int, typer.Option(help="tokens per training sequence")] = 256,
     batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all processes together)")] = 8,
     micro_batch: Annotated[int, typer.Option(help="sequences per forward/backward on one process")] = 4,
@@ -589,7 +596,7 @@ def heal_command(
     try:
         config = HealConfig(tokens=tokens, seq_len=seq_len, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                             rest_lr=rest_lr, train=train, distill=distill if teacher else 0.0, temperature=temperature,
-                            teacher_top_k=teacher_top_k,
+                            teacher_top_k=teacher_top_k, hidden_distill=hidden_distill,
                             eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
                             gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, seed=seed,
                             first_batch=first_batch, gauge=gauge, quant_bits=quant_bits,

@@ -1,7 +1,8 @@
 """Healing: a short retraining of a compressed model so its layers adapt to each other (CompactifAI's step 3).
 
 Next-token loss on the corpus's train split, optionally mixed with distillation from the original model
-(KL between temperature-softened distributions, Hinton et al. 2015). AdamW with linear warm-up and cosine decay,
+(KL between temperature-softened distributions, Hinton et al. 2015) and/or a pull of each block's output toward the
+original's (intermediate-layer distillation, TinyBERT-style). AdamW with linear warm-up and cosine decay,
 gradient accumulation and clipping, optional gradient checkpointing, bf16 autocast on a GPU. The MPO cores stay
 cores: the layers' forward contracts them, so gradients and optimizer state are MPO-sized.
 
@@ -62,6 +63,10 @@ class HealConfig:
         temperature: softening of both distributions in the distillation term.
         teacher_top_k: 0 runs the teacher beside the student on every batch; k > 0 caches its k largest logits per
             position on disk (``teacher_cache``), so later runs on the same data never run the teacher.
+        hidden_distill: weight of a hidden-state term added to the loss (0 = none; needs a teacher with as many
+            blocks): each block's output is pulled toward the teacher's, as the mean over blocks and positions of
+            ||h_student - h_teacher||^2 / ||h_teacher||^2 (TinyBERT-style intermediate-layer distillation; per
+            position, so the first token's outsized activations do not dominate). The teacher runs on every batch.
         eval_every: steps between held-out perplexity measurements (0 = only before and after).
         eval_tokens: held-out tokens scored each time (context 512, stride 256).
         checkpoint_every: steps between checkpoints (0 = none).
@@ -97,6 +102,7 @@ class HealConfig:
     distill: float = 0.0
     temperature: float = 1.0
     teacher_top_k: int = 0
+    hidden_distill: float = 0.0
     eval_every: int = 0
     eval_tokens: int = 4096
     checkpoint_every: int = 0
@@ -117,6 +123,12 @@ class HealConfig:
             raise ValueError(f"teacher_top_k must be >= 0 (0 = run the teacher alongside), got {self.teacher_top_k}")
         if not 0 <= self.distill <= 1 or self.temperature <= 0:
             raise ValueError(f"distill must be in [0, 1] and temperature > 0, got {self.distill}, {self.temperature}")
+        if self.hidden_distill < 0:
+            raise ValueError(f"hidden_distill must be >= 0 (0 = no hidden-state term), got {self.hidden_distill}")
+        if self.hidden_distill and self.teacher_top_k:
+            raise ValueError("hidden_distill runs the teacher on every batch (its hidden states are not cached), "
+                             "so teacher_top_k's logit cache does not apply: set teacher_top_k=0 "
+                             "(--teacher-top-k 0)")  # fmt: skip
         if self.rest_lr is not None and (self.rest_lr <= 0 or self.train not in ("all", "mpo+scales")):
             raise ValueError(f"rest_lr must be positive and only applies with train='all' or 'mpo+scales' (it sets "
                              f"the learning rate of what is not an MPO core), got rest_lr={self.rest_lr}, "
@@ -243,8 +255,11 @@ def heal(
 
     from .train_data import SequenceStream, split_token_ids
 
-    if config.distill > 0 and teacher is None:
-        raise ValueError("distill > 0 needs the original model as teacher (CLI: --teacher ORIGINAL)")
+    if (config.distill > 0 or config.hidden_distill > 0) and teacher is None:
+        raise ValueError("distill > 0 and hidden_distill > 0 need the original model as teacher (CLI: --teacher "
+                         "ORIGINAL)")  # fmt: skip
+    if config.hidden_distill:
+        _check_same_depth(model, teacher)
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -298,7 +313,7 @@ def heal(
         wrapped.train()
         indices = stream.rows(step, rank, world)
         rows = stream.sequences[indices].to(accelerator.device)  # (batch / world, seq_len)
-        total = 0.0
+        total = next_token = 0.0
         for micro in range(accumulation):
             part = slice(micro * config.micro_batch, (micro + 1) * config.micro_batch)
             ids = rows[part]
@@ -306,19 +321,22 @@ def heal(
             target = teacher if cache is None else cache.top_logits(indices[part], ids)
             with _gradient_sync(accelerator, wrapped, sync, sharded):
                 with accelerator.autocast():
-                    loss = _loss(wrapped, target, ids, config) / accumulation
+                    loss, lm_loss = _loss(wrapped, target, ids, config)
+                    loss = loss / accumulation
                 accelerator.backward(loss)
             total += float(loss.detach())
+            next_token += float(lm_loss) / accumulation
         if config.max_grad_norm:
             clip = torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_
             clip(params, config.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        mean_loss = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "mean"))
+        mean_loss, mean_lm = accelerator.reduce(torch.tensor([total, next_token], device=accelerator.device), "mean")
         seconds = time.perf_counter() - tick
-        point = {"step": step + 1, "loss": mean_loss, "lr": schedule.get_last_lr()[0],
-                 "tokens_per_s": config.batch_size * config.seq_len / seconds, "seconds": seconds}  # fmt: skip
+        point = {"step": step + 1, "loss": float(mean_loss), "lm_loss": float(mean_lm),
+                 "lr": schedule.get_last_lr()[0], "tokens_per_s": config.batch_size * config.seq_len / seconds,
+                 "seconds": seconds}  # fmt: skip
         result.curve.append(point)
         last = step + 1 == config.steps
         if config.eval_every and (step + 1) % config.eval_every == 0 and not last:
@@ -376,23 +394,54 @@ def _open_cache(accelerator, teacher: nn.Module, stream, k: int):
     return cache
 
 
-def _loss(model: nn.Module, teacher, ids: torch.Tensor, config: HealConfig) -> torch.Tensor:
-    """(1 - distill) * next-token loss + distill * distillation loss on one micro-batch (rows of token ids).
+def _loss(model: nn.Module, teacher, ids: torch.Tensor, config: HealConfig) -> tuple[torch.Tensor, float]:
+    """(1 - distill) * next-token loss + distill * distillation loss + hidden_distill * hidden-state loss on one
+    micro-batch (rows of token ids), and the next-token loss alone (so runs with other mixes compare).
 
     ``teacher`` is the teacher model, or its cached (top-k values, token ids) for these rows."""
     from .teacher_cache import sparse_distillation_loss
 
-    output = model(input_ids=ids, labels=ids, use_cache=False)
-    if not config.distill:
-        return output.loss
+    hidden = bool(config.hidden_distill)
+    output = model(input_ids=ids, labels=ids, use_cache=False, output_hidden_states=hidden)
+    next_token = float(output.loss.detach())
+    if not (config.distill or hidden):
+        return output.loss, next_token
     if isinstance(teacher, tuple):
         values, indices = (t.to(ids.device) for t in teacher)
         kd = sparse_distillation_loss(output.logits[:, :-1], values[:, :-1], indices[:, :-1], config.temperature)
-    else:
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-        kd = distillation_loss(output.logits[:, :-1], teacher_logits[:, :-1], config.temperature)
-    return (1 - config.distill) * output.loss + config.distill * kd
+        return (1 - config.distill) * output.loss + config.distill * kd, next_token
+    with torch.no_grad():
+        reference = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    loss = output.loss
+    if config.distill:
+        kd = distillation_loss(output.logits[:, :-1], reference.logits[:, :-1], config.temperature)
+        loss = (1 - config.distill) * loss + config.distill * kd
+    if hidden:
+        loss = loss + config.hidden_distill * hidden_state_loss(output.hidden_states, reference.hidden_states)
+    return loss, next_token
+
+
+def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over blocks and positions of ||h_s - h_t||^2 / ||h_t||^2 (each (batch, seq, hidden)). The first entry
+    (the embedding's output, before any block) is skipped: compression does not touch it."""
+    if len(student) != len(teacher):
+        raise ValueError(f"hidden-state distillation needs as many hidden states in student and teacher, got "
+                         f"{len(student)} and {len(teacher)}")  # fmt: skip
+    terms = []
+    for mine, theirs in zip(student[1:], teacher[1:], strict=True):
+        theirs = theirs.float()
+        error = (mine.float() - theirs).pow(2).sum(-1)  # (batch, seq)
+        terms.append((error / theirs.pow(2).sum(-1).clamp_min(1e-12)).mean())
+    return torch.stack(terms).mean()
+
+
+def _check_same_depth(model: nn.Module, teacher: nn.Module) -> None:
+    """Hidden-state distillation pairs block i with block i: a model with deleted blocks cannot take it."""
+    mine, theirs = model.config.num_hidden_layers, teacher.config.num_hidden_layers
+    if mine != theirs:
+        raise ValueError(f"hidden_distill pairs each block's output with the teacher's, but the model has {mine} "
+                         f"blocks and the teacher {theirs} (blocks were deleted?): heal without --hidden-distill, "
+                         f"or use logit distillation (--distill)")  # fmt: skip
 
 
 def shard(model: nn.Module, device: torch.device) -> None:
