@@ -144,3 +144,33 @@ def test_the_joint_row_is_planned_for_healing_when_it_heals(monkeypatch):
     assert seen[0].rounding_weight == 0.5 and seen[0].target_bytes == 10**8 and seen[0].defer_packing
     result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--joint-rounding-weight", "2"])
     assert result.exit_code == 2 and "joint_rounding_weight must be in (0, 1]" in _flat(result.output)
+
+
+def test_the_joint_rows_widths_reach_its_search_and_are_one_of_its_settings(monkeypatch):
+    """--joint-bits 8,4,3 lets the joint row round to 3 bits; other widths are a setting (a change rebuilds the row);
+    a width the packing does not have, or a group that 3-bit codes cannot fill, is a clear error."""
+    import pytest
+
+    import bondcut.surgery
+    from bondcut.compare import CompareConfig, build, method_settings
+
+    seen = []
+
+    def fake_compress(model, config, tokenizer=None):
+        seen.append(config)
+        raise RuntimeError("stop before the search")
+
+    monkeypatch.setattr(bondcut.surgery, "compress", fake_compress)
+    with pytest.raises(RuntimeError, match="stop before the search"):
+        build("joint", None, None, CompareConfig(joint_bits=(8, 4, 3)), target_bytes=10**8)
+    assert seen[0].joint_bits == (8, 4, 3)
+    assert method_settings("joint", CompareConfig())["joint_bits"] == [8, 4]
+    assert method_settings("joint", CompareConfig()) != method_settings("joint", CompareConfig(joint_bits=(8, 4, 3)))
+    assert "joint_bits" not in method_settings("bondcut", CompareConfig())
+    with pytest.raises(ValueError, match="joint_bits"):
+        CompareConfig(joint_bits=(8, 5))
+    with pytest.raises(ValueError, match="group"):
+        CompareConfig(joint_bits=(4, 3), group_size=36)
+    for bits, message in (("8,5", "joint_bits"), ("8;4", "--joint-bits takes whole numbers")):
+        result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--joint-bits", bits])
+        assert result.exit_code == 2 and message in _flat(result.output), result.output

@@ -791,6 +791,9 @@ def compare_command(
         float | None,
         typer.Option(help="joint: weight of rounding damage against truncation's in its plan (0.3 when healing)"),
     ] = None,
+    joint_bits: Annotated[
+        str, typer.Option(help="joint: packed widths its search may use, e.g. 8,4,3 (3/2 bits dequantize per call)")
+    ] = "8,4",
 ) -> None:
     """Original vs int8 vs int4 vs truncated SVD vs aware low rank vs LayerChop vs bondcut (and + int4): one table."""
     from .compare import METHODS, CompareConfig, compare
@@ -806,6 +809,7 @@ def compare_command(
                                threads=threads, bench_repeats=bench_repeats,
                                bench_train_batch=bench_train_batch, joint_blocks=joint_blocks,
                                joint_rounding_weight=joint_rounding_weight,
+                               joint_bits=_parse_int_list(joint_bits, "--joint-bits", "8,4,3"),
                                target_bytes=None if target_bytes is None else parse_bytes(target_bytes))  # fmt: skip
     except ValueError as err:
         _fail(str(err))

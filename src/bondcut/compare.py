@@ -13,8 +13,8 @@ Every method starts from the same original model and, where it trains, gets the 
 - ``bondcut``: profile allocation + aware decomposition + search; ``bondcut_int4``: that model after healing,
   with embeddings, head and dense layers packed to 4 bits (the paper's "MPO + 4-bit" model);
 - ``joint``: one byte budget (``target_bytes``, default: bondcut_int4's file size) shared by MPO layouts and χ,
-  int8/int4 packing and block deletion, chosen together (:mod:`bondcut.joint`; planned for the healed model,
-  rounding damage weighted ``joint_rounding_weight`` against truncation's). ``joint_healing="float"``: its
+  int8/int4 packing (``joint_bits``: also 3/2) and block deletion, chosen together (:mod:`bondcut.joint`; planned
+  for the healed model, rounding damage weighted ``joint_rounding_weight`` against truncation's). ``joint_healing="float"``: its
   float structure (MPO cores, blocks deleted) is healed, then packed; ``"packed"``: packed first, then its group
   scales and offsets healed like the int rows; ``"aware"`` (the default): its dense layers and embedding packed
   first, then its MPO cores trained through the rounding the plan gives them beside the packed layers' scales, then
@@ -69,6 +69,7 @@ class CompareConfig:
     target_bytes: int | None = None  # the joint method's budget; None = the size of bondcut_int4's weights
     joint_blocks: int = 4
     joint_rounding_weight: float | None = None  # None: planned for healing (HEALED_ROUNDING_WEIGHT) when it heals
+    joint_bits: tuple[int, ...] = (8, 4)  # packed widths the joint search may use, e.g. (8, 4, 3)
     group_size: int = 64
     rounding: str = "gptq"  # how bondcut_int4 and joint round their packed dense weights (int4 / int4_gptq: both)
     bench_repeats: int = 3
@@ -103,6 +104,9 @@ class CompareConfig:
             self.joint_rounding_weight = HEALED_ROUNDING_WEIGHT if trains else 1.0
         if not 0 < self.joint_rounding_weight <= 1:
             raise ValueError(f"joint_rounding_weight must be in (0, 1], got {self.joint_rounding_weight}")
+        self.joint_bits = tuple(self.joint_bits)
+        if "joint" in self.methods:  # the joint search's own checks (widths, groups that fill whole bytes), now
+            CompressConfig(target_bytes=1, joint_bits=self.joint_bits, group_size=self.group_size)
         self.methods = tuple(m for m in METHODS if m in self.methods and (trains or m != "original_tuned"))
 
 
@@ -149,8 +153,8 @@ SETTINGS = {  # method -> the CompareConfig fields its result depends on (beyond
     "layerchop": ("ratio", "chop_rule", "heal_lr", "distill"),
     "bondcut": ("ratio", "search_evaluations", "heal_lr", "distill"),
     "bondcut_int4": ("group_size", "rounding", "quantize_cores"),
-    "joint": ("target_bytes", "joint_blocks", "joint_rounding_weight", "group_size", "rounding", "joint_healing",
-              "heal_lr", "scale_lr", "distill"),
+    "joint": ("target_bytes", "joint_blocks", "joint_rounding_weight", "joint_bits", "group_size", "rounding",
+              "joint_healing", "heal_lr", "scale_lr", "distill"),
 }  # fmt: skip
 SHARED_SETTINGS = ("heal_tokens", "eval_tokens", "tasks", "task_limit", "seed")
 SPEED_ONLY_SETTINGS = ("methods", "bench_repeats", "bench_train_batch", "threads")  # no method's result depends on them
@@ -162,7 +166,9 @@ def method_settings(method: str, config: CompareConfig) -> dict:
     holding other settings is stale (e.g. int rows made before they healed their scales)."""
     fields = asdict(config)
     settings = {name: fields[name] for name in (*SHARED_SETTINGS, *SETTINGS[method])}
-    settings["tasks"] = list(settings["tasks"])  # as JSON stores it
+    for name in ("tasks", "joint_bits"):  # as JSON stores them
+        if name in settings:
+            settings[name] = list(settings[name])
     parent = DEPENDS_ON.get(method)
     if parent and not (method == "joint" and config.target_bytes is not None):
         settings["from"] = method_settings(parent, config)
@@ -190,7 +196,8 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, targe
     if method == "joint":
         joint = compress(model, CompressConfig(target_bytes=target_bytes, max_deleted_blocks=config.joint_blocks,
                                                group_size=config.group_size, joint_rounding=config.rounding,
-                                               rounding_weight=config.joint_rounding_weight, defer_packing=True),
+                                               rounding_weight=config.joint_rounding_weight, defer_packing=True,
+                                               joint_bits=config.joint_bits),
                          tokenizer=tokenizer).joint  # fmt: skip
         return (f"joint plan for {target_bytes / 1e6:.1f} MB: blocks deleted {joint['removed_blocks']}, embedding "
                 f"{joint['embedding_bits'] or 'float'}")  # fmt: skip
