@@ -15,9 +15,10 @@ Every method starts from the same original model and, where it trains, gets the 
 - ``joint``: one byte budget (``target_bytes``, default: bondcut_int4's file size) shared by MPO layouts and χ,
   int8/int4 packing (``joint_bits``: also 3/2) and block deletion, chosen together (:mod:`bondcut.joint`; planned
   for the healed model, rounding damage weighted ``joint_rounding_weight`` against truncation's).
-  ``joint_healing="float"``: its float structure (MPO cores, blocks deleted) is healed, then packed; ``"packed"``: packed first, then its group
-  scales and offsets healed like the int rows; ``"aware"`` (the default): its dense layers and embedding packed
-  first, then its MPO cores trained through the rounding the plan gives them beside the packed layers' scales, then
+  ``joint_healing="float"``: its float structure (MPO cores, blocks deleted) is healed, then packed; ``"packed"``:
+  packed first, then its group scales and offsets healed like the int rows; ``"aware"`` (the default): its dense
+  layers and embedding packed first, then its MPO cores trained through the rounding the plan gives them beside the
+  packed layers' scales, then
   the cores packed (quantization-aware; its "before healing" figure, in every case: packed without healing).
 
 Each method's model and result land in ``out/models/NAME`` and ``out/results/NAME.json`` (a rerun skips
