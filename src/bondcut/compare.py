@@ -18,8 +18,8 @@ Every method starts from the same original model and, where it trains, gets the 
   ``joint_healing="float"``: its float structure (MPO cores, blocks deleted) is healed, then packed; ``"packed"``:
   packed first, then its group scales and offsets healed like the int rows; ``"aware"`` (the default): its dense
   layers and embedding packed first, then its MPO cores trained through the rounding the plan gives them beside the
-  packed layers' scales, then
-  the cores packed (quantization-aware; its "before healing" figure, in every case: packed without healing).
+  packed layers' scales, then the cores packed (quantization-aware; its "before healing" figure, in every case:
+  packed without healing).
 
 Each method's model and result land in ``out/models/NAME`` and ``out/results/NAME.json`` (a rerun skips
 what is done: the run resumes; a result made under other settings of that method is rebuilt). Speed is measured
