@@ -119,29 +119,37 @@ def test_the_joint_row_heals_what_its_healing_mode_names():
     assert _what_trains("layerchop", with_cores, CompareConfig()) == "all"
 
 
-def test_the_joint_row_is_planned_for_healing_when_it_heals(monkeypatch):
-    """With a healing budget the joint plan weights rounding damage as healing leaves it; without one, as packed.
-    The weight reaches the joint search and is a setting of the joint result (a change rebuilds it)."""
+def _joint_search_config(monkeypatch, config):
+    """The CompressConfig the joint row hands its search (for 100 MB), caught before the search runs."""
     import pytest
 
     import bondcut.surgery
-    from bondcut.compare import CompareConfig, build, method_settings
+    from bondcut.compare import build
+
+    seen = []
+
+    def fake_compress(model, compress_config, tokenizer=None):
+        seen.append(compress_config)
+        raise RuntimeError("stop before the search")
+
+    monkeypatch.setattr(bondcut.surgery, "compress", fake_compress)
+    with pytest.raises(RuntimeError, match="stop before the search"):
+        build("joint", None, None, config, target_bytes=10**8)
+    return seen[0]
+
+
+def test_the_joint_row_is_planned_for_healing_when_it_heals(monkeypatch):
+    """With a healing budget the joint plan weights rounding damage as healing leaves it; without one, as packed.
+    The weight reaches the joint search and is a setting of the joint result (a change rebuilds it)."""
+    from bondcut.compare import CompareConfig, method_settings
     from bondcut.joint import HEALED_ROUNDING_WEIGHT
 
     assert CompareConfig().joint_rounding_weight == HEALED_ROUNDING_WEIGHT
     assert CompareConfig(heal_tokens=0).joint_rounding_weight == 1.0
     assert CompareConfig(joint_rounding_weight=0.5).joint_rounding_weight == 0.5
     assert method_settings("joint", CompareConfig()) != method_settings("joint", CompareConfig(joint_rounding_weight=1))
-    seen = []
-
-    def fake_compress(model, config, tokenizer=None):
-        seen.append(config)
-        raise RuntimeError("stop before the search")
-
-    monkeypatch.setattr(bondcut.surgery, "compress", fake_compress)
-    with pytest.raises(RuntimeError, match="stop before the search"):
-        build("joint", None, None, CompareConfig(joint_rounding_weight=0.5), target_bytes=10**8)
-    assert seen[0].rounding_weight == 0.5 and seen[0].target_bytes == 10**8 and seen[0].defer_packing
+    seen = _joint_search_config(monkeypatch, CompareConfig(joint_rounding_weight=0.5))
+    assert seen.rounding_weight == 0.5 and seen.target_bytes == 10**8 and seen.defer_packing
     result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--joint-rounding-weight", "2"])
     assert result.exit_code == 2 and "joint_rounding_weight must be in (0, 1]" in _flat(result.output)
 
@@ -151,19 +159,9 @@ def test_the_joint_rows_widths_reach_its_search_and_are_one_of_its_settings(monk
     a width the packing does not have, or a group that 3-bit codes cannot fill, is a clear error."""
     import pytest
 
-    import bondcut.surgery
-    from bondcut.compare import CompareConfig, build, method_settings
+    from bondcut.compare import CompareConfig, method_settings
 
-    seen = []
-
-    def fake_compress(model, config, tokenizer=None):
-        seen.append(config)
-        raise RuntimeError("stop before the search")
-
-    monkeypatch.setattr(bondcut.surgery, "compress", fake_compress)
-    with pytest.raises(RuntimeError, match="stop before the search"):
-        build("joint", None, None, CompareConfig(joint_bits=(8, 4, 3)), target_bytes=10**8)
-    assert seen[0].joint_bits == (8, 4, 3)
+    assert _joint_search_config(monkeypatch, CompareConfig(joint_bits=(8, 4, 3))).joint_bits == (8, 4, 3)
     assert method_settings("joint", CompareConfig())["joint_bits"] == [8, 4]
     assert method_settings("joint", CompareConfig()) != method_settings("joint", CompareConfig(joint_bits=(8, 4, 3)))
     assert "joint_bits" not in method_settings("bondcut", CompareConfig())
