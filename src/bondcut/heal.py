@@ -324,8 +324,9 @@ def heal(
                     loss, lm_loss = _loss(wrapped, target, ids, config)
                     loss = loss / accumulation
                 accelerator.backward(loss)
-            total += float(loss.detach())
-            next_token += float(lm_loss) / accumulation
+            step_loss, step_lm = torch.stack([loss.detach(), lm_loss / accumulation]).tolist()  # one device sync
+            total += step_loss
+            next_token += step_lm
         if config.max_grad_norm:
             clip = torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_
             clip(params, config.max_grad_norm)
@@ -394,16 +395,16 @@ def _open_cache(accelerator, teacher: nn.Module, stream, k: int):
     return cache
 
 
-def _loss(model: nn.Module, teacher, ids: torch.Tensor, config: HealConfig) -> tuple[torch.Tensor, float]:
+def _loss(model: nn.Module, teacher, ids: torch.Tensor, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(1 - distill) * next-token loss + distill * distillation loss + hidden_distill * hidden-state loss on one
-    micro-batch (rows of token ids), and the next-token loss alone (so runs with other mixes compare).
+    micro-batch (rows of token ids), and the next-token loss alone, detached (so runs with other mixes compare).
 
     ``teacher`` is the teacher model, or its cached (top-k values, token ids) for these rows."""
     from .teacher_cache import sparse_distillation_loss
 
     hidden = bool(config.hidden_distill)
     output = model(input_ids=ids, labels=ids, use_cache=False, output_hidden_states=hidden)
-    next_token = float(output.loss.detach())
+    next_token = output.loss.detach()
     if not (config.distill or hidden):
         return output.loss, next_token
     if isinstance(teacher, tuple):
