@@ -244,7 +244,8 @@ def _hand_plan(bits: dict[str, int], removed: list[int], embedding_bits: int | N
 
 
 def test_deferred_packing_after_a_reload_equals_packing_at_once(trained_model, prompt_ids, tmp_path):
-    """Deleting block 1 renumbers the pending names; packing them later gives the same model as packing at once."""
+    """Deleting block 1 renumbers the pending names; packing them later (inputs rotated, as the plan says) gives
+    the same model as packing at once."""
     import copy
 
     model, tokenizer = trained_model
@@ -252,10 +253,11 @@ def test_deferred_packing_after_a_reload_equals_packing_at_once(trained_model, p
             "model.layers.3.mlp.down_proj": 4}  # fmt: skip
     plan = _hand_plan(bits, removed=[1], embedding_bits=4)
     at_once, deferred = copy.deepcopy(model), copy.deepcopy(model)
-    apply_storage(at_once, plan, "rtn")
-    packing = apply_storage(deferred, plan, "rtn", defer_packing=True)
+    apply_storage(at_once, plan, "rtn", rotate=True)
+    packing = apply_storage(deferred, plan, "rtn", defer_packing=True, rotate=True)
     assert packing["layers"] == {"model.layers.0.mlp.up_proj": 4, "model.layers.1.self_attn.q_proj": 8,
                                  "model.layers.2.mlp.down_proj": 4}  # fmt: skip
+    assert packing["rotate"] and at_once.model.layers[2].mlp.down_proj.rotation == (64, 0)
     assert not quant_layouts(deferred) and len(deferred.model.layers) == len(model.model.layers) - 1
     attach_layout_config(deferred, pending_packing=packing)
     bondcut.save(deferred, tmp_path / "pending", tokenizer=tokenizer)
@@ -289,3 +291,5 @@ def test_names_after_removal_renumbers_blocks_and_drops_deleted_ones(trained_mod
 def test_defer_packing_needs_the_joint_search():
     with pytest.raises(ValueError, match="give target_bytes"):
         bondcut.CompressConfig(ratio=0.5, defer_packing=True)
+    with pytest.raises(ValueError, match="joint_rotate applies to the joint search's packing"):
+        bondcut.CompressConfig(ratio=0.5, joint_rotate=True)

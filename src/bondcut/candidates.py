@@ -92,6 +92,7 @@ def build_candidates(
     packing_bits: Sequence[int] = (),
     packing_groups: Sequence[int] = (64,),
     packing_rounding: str = "rtn",
+    packing_rotate: bool = False,
 ) -> dict[str, MatrixCandidates]:
     """Spectra and priced options for every matrix in ``weights`` ({name: (out x in) weight}).
 
@@ -100,7 +101,8 @@ def build_candidates(
     With ``packing_bits``, each entry also records the error of the dense matrix packed at those bits in groups of
     each of ``packing_groups`` (:mod:`bondcut.quant`), measured with the same metric: rounded to nearest
     (``packing_errors``, what one MPO core's rounding is priced from) and as ``packing_rounding`` packs the dense
-    matrix (``dense_packing_errors``; "gptq" rounds activation-aware on the same input statistics).
+    matrix (``dense_packing_errors``; "gptq" rounds activation-aware on the same input statistics;
+    ``packing_rotate``: after rotating its inputs, :mod:`bondcut.quant.rotation`, as ``QuantizeConfig(rotate=True)``).
     """
     from .quant.apply import METHODS
 
@@ -116,7 +118,7 @@ def build_candidates(
         entry = MatrixCandidates(name, tuple(weight.shape), weight=weight.detach())
         if packing_bits:
             entry.packing_errors, entry.dense_packing_errors, entry.dense_groups = _packing_errors(
-                weight.detach(), cov, metric, packing_bits, packing_groups, packing_rounding
+                weight.detach(), cov, metric, packing_bits, packing_groups, packing_rounding, packing_rotate
             )
         entry.options.append(Option("dense", None, entry.dense_params, 0.0))
         for layout in layouts:
@@ -141,24 +143,35 @@ def _packing_errors(
     bits: Sequence[int],
     groups: Sequence[int],
     rounding: str,
+    rotate: bool = False,
 ) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float], dict[int, int]]:
     """Relative output errors of ``weight`` packed at each of ``bits`` x ``groups``: rounded to nearest, and as
-    ``rounding`` packs it (GPTQ needs the input statistics ``cov``; without them it falls back to nearest); and
-    per group asked, the group the packed dense matrix actually has (GPTQ keeps groups inside rows)."""
+    ``rounding`` packs it (GPTQ needs the input statistics ``cov``; without them it falls back to nearest), inputs
+    rotated first with ``rotate``; and per group asked, the group the packed dense matrix actually has (GPTQ keeps
+    groups inside rows)."""
+    from .quant import rotation
     from .quant.apply import QuantizeConfig
     from .quant.gptq import quantize_aware
 
     metric = metric or OutputError(weight, None)
     formats = [(b, g) for b in bits for g in groups]
     nearest = {(b, g): quantize(weight, b, g) for b, g in formats}
+    nearest_errors = {key: metric(dequantize(packed)) for key, packed in nearest.items()}
+    block = rotation.rotation_block(weight.shape[1]) if rotate else 1
+    if block == 1 and (rounding == "rtn" or cov is None):
+        return nearest_errors, dict(nearest_errors), {g: packed.group_size for (_, g), packed in nearest.items()}
+    frame, back = weight, lambda values: values
+    if block > 1:  # the stored matrix is W R^T; its error, rotated back, is what the layer's output sees
+        signs = rotation.rotation_signs(weight.shape[1], rotation.DEFAULT_SEED)
+        frame, back = rotation.rotate(weight, signs, block), lambda values: rotation.unrotate(values, signs, block)
+        cov = None if cov is None else rotation.rotate_gram(cov, signs, block)
     if rounding == "rtn" or cov is None:
-        stored = nearest
+        stored = {(b, g): quantize(frame, b, g) for b, g in formats}
     else:
         damping = QuantizeConfig.damping  # the packing's own dampening, so the price matches what is stored
-        stored = {(b, g): quantize_aware(weight, cov, b, g, damping) for b, g in formats}
-    nearest_errors = {key: metric(dequantize(packed)) for key, packed in nearest.items()}
-    stored_errors = nearest_errors if stored is nearest else {k: metric(dequantize(p)) for k, p in stored.items()}
-    return nearest_errors, dict(stored_errors), {g: packed.group_size for (_, g), packed in stored.items()}
+        stored = {(b, g): quantize_aware(frame, cov, b, g, damping) for b, g in formats}
+    stored_errors = {key: metric(back(dequantize(packed))) for key, packed in stored.items()}
+    return nearest_errors, stored_errors, {g: packed.group_size for (_, g), packed in stored.items()}
 
 
 def _options(entry: MatrixCandidates, layout: str, metric: OutputError | None) -> list[Option]:

@@ -53,6 +53,8 @@ class CompressConfig:
             tensor of a plan shares it); the one with the least predicted KL wins. Empty: ``(group_size,)``.
         joint_rounding: how its packed dense matrices and embedding are rounded: "gptq" (activation-aware, on
             calibration text; the plan prices each dense matrix's packing error with the same rounding) or "rtn".
+        joint_rotate: with ``target_bytes``: packed dense matrices store W R^T and rotate their inputs by R, a random
+            block Hadamard (:mod:`bondcut.quant.rotation`; less rounding error, priced that way too).
         rounding_weight: with ``target_bytes``: how much rounding damage counts against truncation's in the
             plan. 1 (default) minimizes the predicted KL of the model as packed; a model that will be healed keeps
             less of its rounding damage than of its truncation damage (:data:`bondcut.joint.HEALED_ROUNDING_WEIGHT`,
@@ -86,6 +88,7 @@ class CompressConfig:
     max_deleted_blocks: int = 4
     joint_bits: tuple[int, ...] = (8, 4)
     joint_rounding: str = "gptq"
+    joint_rotate: bool = False
     rounding_weight: float = 1.0
     defer_packing: bool = False
     group_size: int = 64
@@ -120,6 +123,9 @@ class CompressConfig:
             raise ValueError("rounding_weight applies to the joint search: give target_bytes as well")
         if self.defer_packing and self.target_bytes is None:
             raise ValueError("defer_packing applies to the joint search: give target_bytes as well")
+        if self.joint_rotate and self.target_bytes is None:
+            raise ValueError("joint_rotate applies to the joint search's packing: give target_bytes as well (to "
+                             "rotate a model's packed layers otherwise: QuantizeConfig(rotate=True))")  # fmt: skip
         if self.refit_tokens < 0 or (self.refit_tokens and self.target_bytes is not None):
             raise ValueError(f"refit_tokens must be >= 0 and applies to ratio/chi/tol compression, not the joint search "
                              f"(it packs and deletes blocks), got {self.refit_tokens}")  # fmt: skip

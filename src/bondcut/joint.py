@@ -280,11 +280,13 @@ def allocate_joint(
     return plan
 
 
-def packing_of(plan: JointPlan, rounding: str) -> dict:
-    """What ``plan`` packs, as a JSON-ready dict: bits per matrix name, the embedding's bits, group size, rounding."""
+def packing_of(plan: JointPlan, rounding: str, rotate: bool = False) -> dict:
+    """What ``plan`` packs, as a JSON-ready dict: bits per matrix name, the embedding's bits, group size, rounding
+    (and ``rotate`` when the dense matrices' inputs are rotated)."""
     layers = {n: c.bits for n, c in plan.plan.layers.items() if c.bits is not None}
-    return {"layers": layers, "embedding_bits": plan.embedding_bits, "group_size": plan.group_size,
-            "rounding": rounding}  # fmt: skip
+    packing = {"layers": layers, "embedding_bits": plan.embedding_bits, "group_size": plan.group_size,
+               "rounding": rounding}  # fmt: skip
+    return {**packing, "rotate": True} if rotate else packing
 
 
 def apply_storage(
@@ -294,6 +296,7 @@ def apply_storage(
     tokenizer=None,
     calibration_tokens: int = 16384,
     defer_packing: bool = False,
+    rotate: bool = False,
 ) -> dict:
     """After the MPO surgery: delete the plan's blocks, then pack what it packs (matrices, embedding).
 
@@ -303,7 +306,7 @@ def apply_storage(
     by :func:`apply_packing`."""
     from .layerchop import names_after_removal, remove_blocks
 
-    packing = packing_of(plan, rounding)
+    packing = packing_of(plan, rounding, rotate)
     if plan.removed_blocks:
         renamed = names_after_removal(model, list(packing["layers"]), plan.removed_blocks)
         packing["layers"] = {renamed[n]: b for n, b in packing["layers"].items() if renamed[n] is not None}
@@ -323,7 +326,8 @@ def apply_packing(model: nn.Module, packing: dict, tokenizer=None, calibration_t
     packed, rounding = packing["layers"], packing["rounding"]
     if rounding == "gptq" and tokenizer is None:
         raise ValueError("GPTQ packing needs calibration text: pass the tokenizer")
-    settings = dict(group_size=packing["group_size"], method=rounding, calibration_tokens=calibration_tokens)
+    settings = dict(group_size=packing["group_size"], method=rounding, calibration_tokens=calibration_tokens,
+                    rotate=packing.get("rotate", False))  # fmt: skip
     grams = None
     if rounding == "gptq":
         everything = QuantizeConfig(**settings, only=tuple(packed), embeddings=packing["embedding_bits"] is not None)

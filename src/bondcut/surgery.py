@@ -265,7 +265,8 @@ def compress(
         from .joint import apply_storage
 
         calibration = max(512, config.calibration_tokens or 0)
-        packing = apply_storage(model, joint, config.joint_rounding, tokenizer, calibration, config.defer_packing)
+        packing = apply_storage(model, joint, config.joint_rounding, tokenizer, calibration, config.defer_packing,
+                                config.joint_rotate)  # fmt: skip
         pending = packing if config.defer_packing else None
     report.model_params_after = sum(p.numel() for p in model.parameters())
     attach_layout_config(model, **({"plan": report.plan} if report.plan else {}), pending_packing=pending)
@@ -305,7 +306,8 @@ def _joint_decisions(model, tokenizer, config: CompressConfig, weights, covarian
     progress = None if on_stage is None else lambda name, done, total: on_stage("candidates", done, total)
     candidates = build_candidates(weights, covariances or None, config.candidate_layouts, config.damping, progress,
                                   packing_bits=config.joint_bits, packing_groups=config.joint_group_sizes,
-                                  packing_rounding=config.joint_rounding)  # fmt: skip
+                                  packing_rounding=config.joint_rounding,
+                                  packing_rotate=config.joint_rotate)  # fmt: skip
     joint = allocate_joint(model, tokenizer, candidates, config, on_stage)
     covariances.clear()
     report.plan = joint.plan.to_dict()

@@ -5,7 +5,9 @@ the layouts, which ride in ``config.json`` next to the MPO layout. Dense Linear 
 nearest (``method="rtn"``) or activation-aware (``method="gptq"``, :mod:`bondcut.quant.gptq`, on the input
 statistics of calibration tokens; same packed format; a tied embedding is rounded for the head's inputs, and
 low-rank MPO pairs (sites (m x 1)(1 x n)) are rounded factor by factor, :func:`.gptq.quantize_low_rank_aware`);
-other MPO cores and an untied embedding round to nearest. :func:`install_quant_layers` rebuilds the empty packed modules
+other MPO cores and an untied embedding round to nearest. ``rotate=True`` first turns each dense Linear layer's W into
+W R^T for a random block Hadamard R and rotates its inputs at run time (:mod:`bondcut.quant.rotation`): the same
+function in float, less rounding error. :func:`install_quant_layers` rebuilds the empty packed modules
 from them before transformers loads the weights. A tied LM head stays tied: it reads the packed embedding,
 stored once.
 """
@@ -22,6 +24,7 @@ from ..surgery import dense_weight, is_dense_layer, name_of, set_submodule
 from .gptq import is_low_rank_pair, quantize_aware, quantize_low_rank_aware
 from .modules import QUANT_LAYERS, QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
 from .packing import DEFAULT_GROUP, PER_ROW, check_bits, group_dividing, quantize, row_group
+from .rotation import DEFAULT_SEED, rotate, rotate_gram, rotation_block, rotation_signs
 
 METHODS = ("rtn", "gptq")
 
@@ -41,6 +44,7 @@ class QuantizeConfig:
     method: str = "rtn"  # dense Linear layers: "rtn" (round to nearest) or "gptq" (activation-aware; needs text)
     calibration_tokens: int = 16384  # gptq: tokens of the calibration split whose input statistics guide rounding
     damping: float = 0.1  # gptq: fraction of H's mean diagonal added to it (more = closer to round-to-nearest)
+    rotate: bool = False  # dense Linear layers: pack W R^T and rotate inputs by R (random block Hadamard, .rotation)
 
     def __post_init__(self) -> None:
         check_bits(self.bits, self.group_size, per_row_allowed=True)
@@ -70,11 +74,17 @@ def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
 def _packed_linear(module: nn.Module, config: QuantizeConfig, gram: torch.Tensor | None = None) -> QuantLinear:
     weight = dense_weight(module)
     group = row_group(config.group_size, weight.shape[1])
+    block = rotation_block(weight.shape[1]) if config.rotate else 1
+    rotation = None if block == 1 else (block, DEFAULT_SEED)
+    if rotation is not None:  # round W R^T, whose inputs R x have Gram matrix R G R^T
+        signs = rotation_signs(weight.shape[1], DEFAULT_SEED)
+        weight = rotate(weight.detach(), signs, block)
+        gram = None if gram is None else rotate_gram(gram, signs, block)
     if gram is None:
         packed = quantize(weight, config.bits, group)
     else:
         packed = quantize_aware(weight, gram, config.bits, group, config.damping)
-    return QuantLinear(packed, module.bias, weight.dtype)
+    return QuantLinear(packed, module.bias, weight.dtype, rotation)
 
 
 def gram_matrices(model: nn.Module, tokenizer, config: QuantizeConfig) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from ..mpo import Sites, contract, cores_to_dense, plan_contraction
 from .kernels import kernel_applies, kernel_linear
 from .packing import PackedTensor, dequantize, dequantize_groups, storage_shapes
+from .rotation import rotate, rotation_signs
 
 
 def _register_packed(module: nn.Module, prefix: str, packed: PackedTensor) -> None:
@@ -106,18 +107,37 @@ def _packed(module: nn.Module, prefix: str, shape: tuple[int, ...]) -> PackedTen
 class QuantLinear(nn.Module):
     """y = x W^T + b with W (out x in) stored packed; replaces ``nn.Linear`` (and GPT-2 ``Conv1D``)."""
 
-    def __init__(self, packed: PackedTensor, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        packed: PackedTensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype = torch.float32,
+        rotation: tuple[int, int] | None = None,
+    ):
+        """``rotation`` (block, seed): ``packed`` holds W R^T and inputs are rotated by R first
+        (:mod:`bondcut.quant.rotation`); None: it holds W."""
         super().__init__()
         self.out_features, self.in_features = packed.shape
         self.bits, self.group_size = packed.bits, packed.group_size
         self.compute_dtype = compute_dtype
         _register_packed(self, "", packed)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.rotation = None if rotation is None else (int(rotation[0]), int(rotation[1]))
+        self._signs: torch.Tensor | None = None  # R's signs, rebuilt from the seed on first use (nothing saved)
+
+    def _rotation_signs(self, device: torch.device) -> torch.Tensor:
+        """R's signs on ``device``: made at first use, not at construction (a model built on the meta device to
+        load weights into would otherwise keep empty ones)."""
+        if self._signs is None or self._signs.device != device:
+            self._signs = rotation_signs(self.in_features, self.rotation[1]).to(device)
+        return self._signs
 
     @classmethod
     def empty(cls, layout: dict, dtype: torch.dtype, device=None) -> QuantLinear:
         bias = torch.zeros(layout["shape"][0], dtype=dtype, device=device) if layout["bias"] else None
-        return cls(_empty_packed(tuple(layout["shape"]), layout["bits"], layout["group_size"], device), bias, dtype)
+        packed = _empty_packed(tuple(layout["shape"]), layout["bits"], layout["group_size"], device)
+        rotation = layout.get("rotation")
+        return cls(packed, bias, dtype, None if rotation is None else (rotation["block"], rotation["seed"]))
 
     @property
     def packed_numel(self) -> int:
@@ -129,17 +149,24 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.rotation is not None:
+            x = rotate(x, self._rotation_signs(x.device), self.rotation[0])
         if kernel_applies(self, self.in_features, x):
             out = kernel_linear(x, self, (self.out_features, self.in_features))
             return out if bias is None else out + bias
         return F.linear(x, self.weight_values().to(x.dtype), bias)
 
     def layout(self) -> dict:
-        return {"kind": "linear", "shape": [self.out_features, self.in_features], "bits": self.bits,
-                "group_size": self.group_size, "bias": self.bias is not None}  # fmt: skip
+        layout = {"kind": "linear", "shape": [self.out_features, self.in_features], "bits": self.bits,
+                  "group_size": self.group_size, "bias": self.bias is not None}  # fmt: skip
+        if self.rotation is not None:
+            layout["rotation"] = {"block": self.rotation[0], "seed": self.rotation[1]}
+        return layout
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group_size}"
+        rotated = "" if self.rotation is None else f", rotation block={self.rotation[0]}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group={self.group_size}{rotated}")  # fmt: skip
 
 
 class QuantEmbedding(nn.Module):
