@@ -162,6 +162,9 @@ def test_the_joint_rows_widths_reach_its_search_and_are_one_of_its_settings(monk
     from bondcut.compare import CompareConfig, method_settings
 
     assert _joint_search_config(monkeypatch, CompareConfig(joint_bits=(8, 4, 3))).joint_bits == (8, 4, 3)
+    assert _joint_search_config(monkeypatch, CompareConfig(rotate=True)).joint_rotate  # --rotate: its packing too
+    for method in ("joint", "int4_gptq", "bondcut_int4"):
+        assert method_settings(method, CompareConfig()) != method_settings(method, CompareConfig(rotate=True))
     assert method_settings("joint", CompareConfig())["joint_bits"] == [8, 4]
     assert method_settings("joint", CompareConfig()) != method_settings("joint", CompareConfig(joint_bits=(8, 4, 3)))
     assert "joint_bits" not in method_settings("bondcut", CompareConfig())

@@ -795,6 +795,10 @@ def compare_command(
     rounding: Annotated[
         str, typer.Option(help="rounding of bondcut_int4's and joint's packed weights: 'gptq' or 'rtn'")
     ] = "gptq",
+    rotate: Annotated[
+        bool,
+        typer.Option(help="packed rows (int8/int4, bondcut_int4, joint): dense layers rotate their inputs first"),
+    ] = False,
     threads: Annotated[int, typer.Option(help="threads for the speed measurements")] = 2,
     bench_repeats: Annotated[int, typer.Option(help="timed repeats per speed figure (median reported)")] = 3,
     bench_train_batch: Annotated[int, typer.Option(help="sequences of 256 tokens per timed training step")] = 8,
@@ -816,7 +820,7 @@ def compare_command(
 
     chosen = METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
     try:
-        config = CompareConfig(rounding=rounding, ratio=ratio, heal_tokens=heal_tokens, heal_lr=heal_lr, distill=distill,
+        config = CompareConfig(rounding=rounding, rotate=rotate, ratio=ratio, heal_tokens=heal_tokens, heal_lr=heal_lr, distill=distill,
                                scale_lr=scale_lr, finetune_lr=finetune_lr, joint_healing=joint_healing,
                                eval_tokens=eval_tokens, tasks=_parse_tasks(tasks),
                                task_limit=task_limit, methods=chosen,

@@ -73,6 +73,7 @@ class CompareConfig:
     joint_bits: tuple[int, ...] = (8, 4)  # packed widths the joint search may use, e.g. (8, 4, 3)
     group_size: int = 64
     rounding: str = "gptq"  # how bondcut_int4 and joint round their packed dense weights (int4 / int4_gptq: both)
+    rotate: bool = False  # every packed row's dense layers rotate their inputs first (bondcut.quant.rotation)
     bench_repeats: int = 3
     bench_train_batch: int = 8
     threads: int = 2
@@ -148,14 +149,14 @@ def target_weight_count(model: nn.Module) -> int:
 SETTINGS = {  # method -> the CompareConfig fields its result depends on (beyond SHARED_SETTINGS)
     "original": (),
     "original_tuned": ("finetune_lr", "distill"),
-    **{m: ("group_size", "scale_lr") for m in QUANTIZED},
+    **{m: ("group_size", "scale_lr", "rotate") for m in QUANTIZED},
     "svd": ("ratio", "heal_lr", "distill"),
     "svd_llm": ("ratio", "heal_lr", "distill"),
     "layerchop": ("ratio", "chop_rule", "heal_lr", "distill"),
     "bondcut": ("ratio", "search_evaluations", "heal_lr", "distill"),
-    "bondcut_int4": ("group_size", "rounding", "quantize_cores"),
+    "bondcut_int4": ("group_size", "rounding", "quantize_cores", "rotate"),
     "joint": ("target_bytes", "joint_blocks", "joint_rounding_weight", "joint_bits", "group_size", "rounding",
-              "joint_healing", "heal_lr", "scale_lr", "distill"),
+              "rotate", "joint_healing", "heal_lr", "scale_lr", "distill"),
 }  # fmt: skip
 SHARED_SETTINGS = ("heal_tokens", "eval_tokens", "tasks", "task_limit", "seed")
 SPEED_ONLY_SETTINGS = ("methods", "bench_repeats", "bench_train_batch", "threads")  # no method's result depends on them
@@ -198,16 +199,17 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, targe
         joint = compress(model, CompressConfig(target_bytes=target_bytes, max_deleted_blocks=config.joint_blocks,
                                                group_size=config.group_size, joint_rounding=config.rounding,
                                                rounding_weight=config.joint_rounding_weight, defer_packing=True,
-                                               joint_bits=config.joint_bits),
+                                               joint_bits=config.joint_bits, joint_rotate=config.rotate),
                          tokenizer=tokenizer).joint  # fmt: skip
         return (f"joint plan for {target_bytes / 1e6:.1f} MB: blocks deleted {joint['removed_blocks']}, embedding "
                 f"{joint['embedding_bits'] or 'float'}")  # fmt: skip
     if method in QUANTIZED:
         bits, rounding = QUANTIZED[method]
-        quantize_model(model, QuantizeConfig(bits=bits, group_size=config.group_size, method=rounding),
-                       tokenizer=tokenizer)  # fmt: skip
-        return (f"weight-only int{bits} ({'GPTQ' if rounding == 'gptq' else 'round to nearest'}), groups of "
-                f"{config.group_size}, embeddings and head included")  # fmt: skip
+        quantize_model(model, QuantizeConfig(bits=bits, group_size=config.group_size, method=rounding,
+                                             rotate=config.rotate), tokenizer=tokenizer)  # fmt: skip
+        return (f"weight-only int{bits} ({'GPTQ' if rounding == 'gptq' else 'round to nearest'}"
+                f"{', inputs rotated' if config.rotate else ''}), groups of {config.group_size}, embeddings and head "
+                "included")  # fmt: skip
     if method == "layerchop":
         from .layerchop import chop
 
@@ -278,8 +280,10 @@ def run_method(
     stage(method, "building")
     if method == "bondcut_int4":
         quantize_model(model, QuantizeConfig(bits=4, group_size=config.group_size, cores=config.quantize_cores,
-                                             method=config.rounding), tokenizer=tokenizer)  # fmt: skip
-        note = f"the healed bondcut model; embeddings, head and dense layers int4 ({config.rounding})" + (
+                                             method=config.rounding, rotate=config.rotate),
+                       tokenizer=tokenizer)  # fmt: skip
+        rotated = ", inputs rotated" if config.rotate else ""
+        note = f"the healed bondcut model; embeddings, head and dense layers int4 ({config.rounding}{rotated})" + (
             ", cores int4" if config.quantize_cores else ""
         )
     else:
