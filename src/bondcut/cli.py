@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -218,7 +219,8 @@ def compress(
     dense = [layer for layer in report.layers if layer.kept_dense]
     if dense:
         names = ", ".join(d.name for d in dense[:4]) + (", ..." if len(dense) > 4 else "")
-        console.print(f"{len(dense)} matrices kept dense ({dense[0].kept_dense}): {names} (all in bondcut_report.json)")
+        reasons = "; ".join(f"{n}: {why}" for why, n in Counter(d.kept_dense for d in dense).most_common())
+        console.print(f"{len(dense)} matrices kept dense ({reasons}): {names} (all in bondcut_report.json)")
     console.print(f"saved to {out}")
 
 
