@@ -66,13 +66,13 @@ def main() -> None:
     write_json(args.out, {"what": __doc__.splitlines()[0], "model": args.model, "calibration_tokens": args.tokens,
                           "rows": rows, "mean_by_bits": summary})  # fmt: skip
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 4), squeeze=False, layout="constrained")
     for ax, bits in zip(axes[0], widths):
         at = [r for r in rows if r["bits"] == bits]
         x = torch.arange(len(at)).numpy()
         ax.bar(x - 0.2, [r["gptq"] for r in at], 0.4, label="GPTQ")
         ax.bar(x + 0.2, [r["gptq_rotated"] for r in at], 0.4, label="GPTQ, inputs rotated")
-        ax.set_xticks(x, [f"{r['type']}{r['matrix'].split('.')[2]}" for r in at], rotation=45)
+        ax.set_xticks(x, [f"{r['type']} {r['matrix'].split('.')[2]}" for r in at], rotation=45, ha="right")
         ax.set_yscale("log")
         ax.set_title(f"{bits} bits, groups of {args.group_size}: relative output error")
         ax.legend()

@@ -1,11 +1,12 @@
 """The CLI end to end on the shipped model: compress prints its table and saves; info reads it; bad input."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
-from bondcut.cli import app
+from bondcut.cli import app, kept_dense_line
 
 runner = CliRunner()
 
@@ -28,6 +29,17 @@ def test_compress_prints_before_after_table_and_saves(compressed_dir):
     report = json.loads((out / "bondcut_report.json").read_text())
     assert len(report["layers"]) == 7 and report["uniform_chi"] == 16
     assert report["target_params_after"] < report["target_params_before"]
+
+
+def test_kept_dense_line_counts_every_reason_not_just_the_first():
+    def layer(name, why):
+        return SimpleNamespace(name=name, kept_dense=why)
+
+    int3, int4 = "kept dense by the joint plan (packed to 3 bits)", "kept dense by the joint plan (packed to 4 bits)"
+    layers = [layer("a", int4), layer("b", int3), layer("c", ""), layer("d", int3), layer("e", int3), layer("f", int3)]
+    line = kept_dense_line(layers)
+    assert line.startswith(f"5 matrices kept dense (4 {int3}; 1 {int4}): a, b, d, e, ...")
+    assert kept_dense_line([layer("c", "")]) is None
 
 
 def test_info_lists_every_layer(compressed_dir):

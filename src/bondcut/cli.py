@@ -216,11 +216,9 @@ def compress(
     if report.plan:
         console.print(plan_summary(report.plan))
         console.print(plan_table(report.plan))
-    dense = [layer for layer in report.layers if layer.kept_dense]
-    if dense:
-        names = ", ".join(d.name for d in dense[:4]) + (", ..." if len(dense) > 4 else "")
-        reasons = "; ".join(f"{n}: {why}" for why, n in Counter(d.kept_dense for d in dense).most_common())
-        console.print(f"{len(dense)} matrices kept dense ({reasons}): {names} (all in bondcut_report.json)")
+    dense_line = kept_dense_line(report.layers)
+    if dense_line:
+        console.print(dense_line)
     console.print(f"saved to {out}")
 
 
@@ -244,6 +242,17 @@ def plan_summary(plan: dict) -> str:
         line += (f"; search: {search['evaluations']} evaluations, KL to the original {search['kl_before']:.4f} -> "
                  f"{search['kl_after']:.4f}, calibration loss {search['loss_before']:.4f} -> {search['loss_after']:.4f}")  # fmt: skip
     return line
+
+
+def kept_dense_line(layers) -> str | None:
+    """One line on the matrices left dense: how many for each reason (a joint plan packs them at several widths),
+    and the first few names; None when every matrix was compressed."""
+    dense = [layer for layer in layers if layer.kept_dense]
+    if not dense:
+        return None
+    names = ", ".join(d.name for d in dense[:4]) + (", ..." if len(dense) > 4 else "")
+    reasons = "; ".join(f"{n} {why}" for why, n in Counter(d.kept_dense for d in dense).most_common())
+    return f"{len(dense)} matrices kept dense ({reasons}): {names} (all in bondcut_report.json)"
 
 
 def plan_table(plan: dict) -> Table:
