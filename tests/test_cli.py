@@ -60,6 +60,7 @@ def test_info_lists_every_layer(compressed_dir):
         (["info", "{tmp}"], "no config.json"),
         (["quantize", "smollm2-135m", "--pending", "--out", "{tmp}/x"], "no pending packing"),
         (["compress", "smollm2-135m", "--ratio", "0.5", "--defer-packing", "--out", "{tmp}/x"], "give target_bytes"),
+        (["compress", "smollm2-135m", "--target-bytes", "110%", "--out", "{tmp}/x"], "percentage between 0 and 100"),
         (
             ["compress", "smollm2-135m", "--target-bytes", "60MB", "--refit-tokens", "8192", "--out", "{tmp}/x"],
             "not the joint search",

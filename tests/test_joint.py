@@ -20,6 +20,8 @@ from bondcut.joint import (
     JointPlan,
     apply_pending_packing,
     apply_storage,
+    budget_bytes,
+    parse_budget,
     parse_bytes,
     priced_options,
     solve_joint,
@@ -37,6 +39,20 @@ def test_parse_bytes_units_and_errors():
     for bad in ("-3MB", "lots", "0"):
         with pytest.raises(ValueError, match="positive number of bytes"):
             parse_bytes(bad)
+
+
+def test_a_budget_may_be_a_share_of_the_fp32_weights(trained_model):
+    """'10%' means a tenth of the model's weights at 4 bytes per parameter (the tied head once), resolved against
+    the model the search runs on; byte sizes pass through; a share outside (0, 100) names the form it wants."""
+    model, _ = trained_model
+    assert parse_budget("10%") == parse_budget(" 10.0 %") == "10%" and parse_budget("60MB") == 60_000_000
+    assert budget_bytes("10%", model) == 53_806_003  # SmolLM2-135M: 134,515,008 parameters
+    assert budget_bytes(parse_budget("60MB"), model) == 60_000_000
+    assert bondcut.CompressConfig(target_bytes="12.5%").target_bytes == "12.5%"
+    assert bondcut.CompressConfig(target_bytes="60MB").target_bytes == 60_000_000
+    for bad in ("0%", "100%", "ten%", "-5%"):
+        with pytest.raises(ValueError, match="percentage between 0 and 100 such as 10%"):
+            bondcut.CompressConfig(target_bytes=bad)
 
 
 def _option(nbytes: int, error: float) -> Option:

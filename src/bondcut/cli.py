@@ -107,8 +107,8 @@ def compress(
     target_bytes: Annotated[
         str | None,
         typer.Option(
-            help="instead of --ratio: weight bytes on disk, e.g. 60MB; MPO, int8/int4 and block deletion "
-            "are chosen jointly"
+            help="instead of --ratio: weight bytes on disk, e.g. 60MB, or a share of the fp32 weights, e.g. 10% "
+            "(90 % smaller); MPO, int8/int4/int3 and block deletion are chosen jointly"
         ),
     ] = None,  # fmt: skip
     max_deleted_blocks: Annotated[int, typer.Option(help="with --target-bytes: blocks it may delete")] = 4,
@@ -162,14 +162,13 @@ def compress(
     import bondcut
 
     from .config import CompressConfig
-    from .joint import parse_bytes
     from .sizes import directory_weight_bytes
 
     if out.exists() and not overwrite:
         _fail(f"{out} already exists; pass --overwrite or choose another --out")
     try:
         config = CompressConfig(
-            target_bytes=None if target_bytes is None else parse_bytes(target_bytes),
+            target_bytes=target_bytes,
             max_deleted_blocks=max_deleted_blocks,
             group_sizes=_parse_group_sizes(group_sizes) if target_bytes is not None else (),
             joint_bits=_parse_int_list(bits, "--bits", "8,4,3"),

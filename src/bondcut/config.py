@@ -44,7 +44,8 @@ class CompressConfig:
         profile_fractions: kept fractions at which every matrix's loss increase is measured.
         search_evaluations: budget of real evaluations to refine the profile plan (0 = none).
         search_tokens: calibration tokens per search evaluation.
-        target_bytes: instead of ``ratio``: bytes the weights may take on disk; the joint allocator
+        target_bytes: instead of ``ratio``: bytes the weights may take on disk (an int, '60MB', or a share of the
+            model's fp32 weights such as '10%', 4 bytes per parameter); the joint allocator
             (:mod:`bondcut.joint`) then chooses per matrix layout, chi and packed precision (float, int8, int4),
             the embedding's precision and up to ``max_deleted_blocks`` whole blocks to delete.
         max_deleted_blocks: how many blocks the joint allocator may delete (0 = none).
@@ -84,7 +85,7 @@ class CompressConfig:
     profile_fractions: tuple[float, ...] = (0.1, 0.3)
     search_evaluations: int = 0
     search_tokens: int = 1024
-    target_bytes: int | None = None
+    target_bytes: int | str | None = None
     max_deleted_blocks: int = 4
     joint_bits: tuple[int, ...] = (8, 4)
     joint_rounding: str = "gptq"
@@ -102,7 +103,11 @@ class CompressConfig:
             raise ValueError(f"give one size control: ratio, target_bytes, or chi and/or tol; {example}")
         if not any(controls):
             raise ValueError(f"no size given: set chi, ratio, tol or target_bytes; {example}")
-        if self.target_bytes is not None and self.target_bytes <= 0:
+        if isinstance(self.target_bytes, str):
+            from .joint import parse_budget
+
+            self.target_bytes = parse_budget(self.target_bytes)
+        elif self.target_bytes is not None and self.target_bytes <= 0:
             raise ValueError(f"target_bytes must be positive, got {self.target_bytes}; {example}")
         from .quant.packing import BITS, group_multiple
 

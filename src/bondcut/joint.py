@@ -68,6 +68,30 @@ def parse_bytes(text: str | int) -> int:
     return int(value)
 
 
+def parse_budget(text: str | int) -> int | str:
+    """A joint-search budget: bytes ('30MB', '120MiB', 31457280), or a share of the model's fp32 weight bytes
+    ('10%': "90 % smaller"), kept as normalized text until the model is known (:func:`budget_bytes`)."""
+    if isinstance(text, str) and text.strip().endswith("%"):
+        try:
+            share = float(text.strip()[:-1])
+        except ValueError:
+            share = -1.0
+        if not 0 < share < 100:
+            raise ValueError(f"a share of the fp32 weights must be a percentage between 0 and 100 such as 10%, "
+                             f"got {text!r}")  # fmt: skip
+        return f"{share:g}%"
+    return parse_bytes(text)
+
+
+def budget_bytes(target: int | str, model: nn.Module) -> int:
+    """The joint search's budget in bytes: ``target`` itself, or its share ('10%') of ``model``'s weights in fp32."""
+    from .sizes import fp32_weight_bytes
+
+    if isinstance(target, str):
+        return int(float(target[:-1]) / 100 * fp32_weight_bytes(model))
+    return int(target)
+
+
 @dataclass
 class JointPlan:
     """The joint allocation: per-matrix choices (with bits), deleted blocks, the embedding's precision."""
@@ -253,7 +277,7 @@ def allocate_joint(
     emb_ids = {id(p) for p in emb_tensors}
     fixed = {id(p): p.numel() * p.element_size() for p in model.parameters() if id(p) not in target_ids | emb_ids}
     block_fixed = {i: sum(fixed.get(id(p), 0) for p in block.parameters()) for i, block in enumerate(blocks)}
-    budget, fixed_bytes = int(config.target_bytes), sum(fixed.values())
+    budget, fixed_bytes = budget_bytes(config.target_bytes, model), sum(fixed.values())
     best, by_group, weight = None, {}, config.rounding_weight
     for group in config.joint_group_sizes:
         options = {n: priced_options(c, float_bytes, group, weight) for n, c in candidates.items()}
