@@ -86,6 +86,22 @@ def test_compare_refuses_unknown_methods_and_orphan_int4():
     assert result.exit_code == 2 and "add bondcut to --methods" in _flat(result.output)
     result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--joint-healing", "later"])
     assert result.exit_code == 2 and "joint_healing must be 'float'" in _flat(result.output)
+    result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--target-bytes", "110%"])
+    assert result.exit_code == 2 and "percentage between 0 and 100" in _flat(result.output)
+
+
+def test_the_joint_rows_budget_may_be_a_share_of_the_fp32_weights():
+    """--target-bytes 10% is kept as a share (a setting of the joint row) and resolved against the model searched."""
+    import torch
+
+    from bondcut.compare import CompareConfig, method_settings
+    from bondcut.joint import budget_bytes, parse_budget
+
+    config = CompareConfig(target_bytes=parse_budget("10%"))
+    assert method_settings("joint", config)["target_bytes"] == "10%"
+    assert method_settings("joint", config) != method_settings("joint", CompareConfig(target_bytes=10**8))
+    model = torch.nn.Linear(100, 50)  # 5,050 parameters, 20,200 fp32 bytes
+    assert budget_bytes(config.target_bytes, model) == 2020
 
 
 def test_every_compare_setting_is_either_a_result_setting_or_speed_only():

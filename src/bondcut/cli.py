@@ -813,7 +813,8 @@ def compare_command(
     bench_repeats: Annotated[int, typer.Option(help="timed repeats per speed figure (median reported)")] = 3,
     bench_train_batch: Annotated[int, typer.Option(help="sequences of 256 tokens per timed training step")] = 8,
     target_bytes: Annotated[
-        str | None, typer.Option(help="the joint method's budget, e.g. 60MB (default: bondcut_int4's size)")
+        str | None,
+        typer.Option(help="the joint method's budget, e.g. 60MB or 10% of the fp32 weights (default: bondcut_int4's size)"),
     ] = None,
     joint_blocks: Annotated[int, typer.Option(help="blocks the joint method may delete")] = 4,
     joint_rounding_weight: Annotated[
@@ -826,7 +827,7 @@ def compare_command(
 ) -> None:
     """Original vs int8 vs int4 vs truncated SVD vs aware low rank vs LayerChop vs bondcut (and + int4): one table."""
     from .compare import METHODS, CompareConfig, compare
-    from .joint import parse_bytes
+    from .joint import parse_budget
 
     chosen = METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
     try:
@@ -839,7 +840,7 @@ def compare_command(
                                bench_train_batch=bench_train_batch, joint_blocks=joint_blocks,
                                joint_rounding_weight=joint_rounding_weight,
                                joint_bits=_parse_int_list(joint_bits, "--joint-bits", "8,4,3"),
-                               target_bytes=None if target_bytes is None else parse_bytes(target_bytes))  # fmt: skip
+                               target_bytes=None if target_bytes is None else parse_budget(target_bytes))  # fmt: skip
     except ValueError as err:
         _fail(str(err))
     _resolve(model)

@@ -67,7 +67,7 @@ class CompareConfig:
     search_evaluations: int = 48
     chop_rule: str = "measured"
     quantize_cores: bool = False
-    target_bytes: int | None = None  # the joint method's budget; None = the size of bondcut_int4's weights
+    target_bytes: int | str | None = None  # joint's budget: bytes or '10%' of fp32 weights; None = bondcut_int4's size
     joint_blocks: int = 4
     joint_rounding_weight: float | None = None  # None: planned for healing (HEALED_ROUNDING_WEIGHT) when it heals
     joint_bits: tuple[int, ...] = (8, 4)  # packed widths the joint search may use, e.g. (8, 4, 3)
@@ -259,7 +259,7 @@ def run_method(
 ) -> MethodResult:
     """Build, heal (if it trains), evaluate and save one method; reuse its result file when present."""
     from .heal import HealConfig, heal
-    from .joint import apply_pending_packing
+    from .joint import apply_pending_packing, budget_bytes
     from .quant import QuantizeConfig, quantize_model
     from .serialization import load, save
     from .sizes import directory_weight_bytes
@@ -287,7 +287,7 @@ def run_method(
             ", cores int4" if config.quantize_cores else ""
         )
     else:
-        target = config.target_bytes
+        target = None if config.target_bytes is None else budget_bytes(config.target_bytes, model)
         if method == "joint" and target is None:
             target = json.loads((out / "results" / "bondcut_int4.json").read_text())["disk_bytes"]
         note = build(method, model, tokenizer, config, target)
