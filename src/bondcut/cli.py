@@ -814,7 +814,9 @@ def compare_command(
     bench_train_batch: Annotated[int, typer.Option(help="sequences of 256 tokens per timed training step")] = 8,
     target_bytes: Annotated[
         str | None,
-        typer.Option(help="the joint method's budget, e.g. 60MB or 10% of the fp32 weights (default: bondcut_int4's size)"),
+        typer.Option(
+            help="the joint method's budget, e.g. 60MB or 10% of the fp32 weights (default: bondcut_int4's size)"
+        ),
     ] = None,
     joint_blocks: Annotated[int, typer.Option(help="blocks the joint method may delete")] = 4,
     joint_rounding_weight: Annotated[
