@@ -59,9 +59,10 @@ def main() -> None:
                "tokens_per_file": args.tokens_per_file, "context": HELDOUT_CONTEXT, "stride": HELDOUT_STRIDE,
                "models": {}, "paired": {}}  # fmt: skip
     per_file = {}
-    for name in args.models:
+    for path in args.models:
+        name = Path(path).name  # the directory's own name: no machine paths in the results
         start = time.perf_counter()
-        model, tokenizer = bondcut.load(name)
+        model, tokenizer = bondcut.load(path)
         with torch.no_grad():
             per_file[name] = per_file_nll(model, tokenizer, documents, args.tokens_per_file)
         results["models"][name] = {**pooled(per_file[name]), "seconds": time.perf_counter() - start,
@@ -69,8 +70,8 @@ def main() -> None:
         print(f"{name}: {results['models'][name]['perplexity']:.3f} on {results['models'][name]['tokens_scored']:,} "
               f"tokens ({results['models'][name]['seconds']:.0f} s)", flush=True)  # fmt: skip
         del model
-    for a, b in itertools.combinations(args.models, 2):
-        results["paired"][f"{Path(a).name} - {Path(b).name}"] = paired(per_file[a], per_file[b])
+    for a, b in itertools.combinations(per_file, 2):
+        results["paired"][f"{a} - {b}"] = paired(per_file[a], per_file[b])
     write_json(args.out, results)
     for pair, stats in results["paired"].items():
         print(f"{pair}: {stats['mean_nats']:+.4f} ± {stats['stderr_nats']:.4f} nats/token, "
