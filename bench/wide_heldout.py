@@ -54,13 +54,15 @@ def main() -> None:
     parser.add_argument("--tokens-per-file", type=int, default=1024, help="first N tokens of each held-out file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    names = [Path(path).name for path in args.models]  # each directory's own name: no machine paths in the results
+    if len(set(names)) < len(names):
+        parser.error(f"models need distinct directory names to be told apart in the results, got {names}")
     files, documents = split_files("heldout"), load_split("heldout")
     results = {"benchmark": "wide_heldout", "environment": environment(args.threads), "files": len(files),
                "tokens_per_file": args.tokens_per_file, "context": HELDOUT_CONTEXT, "stride": HELDOUT_STRIDE,
                "models": {}, "paired": {}}  # fmt: skip
     per_file = {}
-    for path in args.models:
-        name = Path(path).name  # the directory's own name: no machine paths in the results
+    for path, name in zip(args.models, names, strict=True):
         start = time.perf_counter()
         model, tokenizer = bondcut.load(path)
         with torch.no_grad():
