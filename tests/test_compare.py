@@ -90,18 +90,28 @@ def test_compare_refuses_unknown_methods_and_orphan_int4():
     assert result.exit_code == 2 and "percentage between 0 and 100" in _flat(result.output)
 
 
-def test_the_joint_rows_budget_may_be_a_share_of_the_fp32_weights():
-    """--target-bytes 10% is kept as a share (a setting of the joint row) and resolved against the model searched."""
-    import torch
+def test_the_joint_rows_budget_may_be_a_share_of_the_fp32_weights(monkeypatch, tmp_path):
+    """--target-bytes 10% is kept as a share (a setting of the joint row) and resolved against the model searched:
+    the joint row's build gets 10 % of SmolLM2-135M's fp32 weight bytes."""
+    import pytest
 
-    from bondcut.compare import CompareConfig, method_settings
-    from bondcut.joint import budget_bytes, parse_budget
+    import bondcut.compare
+    from bondcut.compare import CompareConfig, method_settings, run_method
+    from bondcut.joint import parse_budget
 
-    config = CompareConfig(target_bytes=parse_budget("10%"))
+    config = CompareConfig(target_bytes=parse_budget("10%"), methods=("joint",))
     assert method_settings("joint", config)["target_bytes"] == "10%"
     assert method_settings("joint", config) != method_settings("joint", CompareConfig(target_bytes=10**8))
-    model = torch.nn.Linear(100, 50)  # 5,050 parameters, 20,200 fp32 bytes
-    assert budget_bytes(config.target_bytes, model) == 2020
+    seen = []
+
+    def fake_build(method, model, tokenizer, config, target_bytes=None):
+        seen.append(target_bytes)
+        raise RuntimeError("stop before the search")
+
+    monkeypatch.setattr(bondcut.compare, "build", fake_build)
+    with pytest.raises(RuntimeError, match="stop before the search"):
+        run_method("joint", "smollm2-135m", tmp_path, config)
+    assert seen == [53_806_003]  # 10 % of 4 bytes x 134,515,008 parameters
 
 
 def test_every_compare_setting_is_either_a_result_setting_or_speed_only():
