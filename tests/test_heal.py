@@ -47,11 +47,13 @@ def test_healing_lowers_loss_and_perplexity_and_trains_only_the_cores(compressed
 
 
 def test_rest_lr_steps_the_dense_parameters_at_their_own_rate(compressed_dir):
-    """train='all' with rest_lr: the cores move at lr while embeddings, norms and dense layers barely move."""
+    """train='all' with rest_lr: the cores move at lr while embeddings, norms and dense layers barely move. With
+    eval_tokens=0 it trains without a single held-out check (its caller scores the model)."""
     model, tokenizer = bondcut.load(compressed_dir)
     cores = {n: p.detach().clone() for n, p in model.named_parameters() if "mlp" in n and "layers.1." in n}
     rest = {n: p.detach().clone() for n, p in model.named_parameters() if n not in cores}
-    result = heal(model, tokenizer, HealConfig(**SMALL, train="all", rest_lr=1e-9))
+    result = heal(model, tokenizer, HealConfig(**{**SMALL, "eval_tokens": 0}, train="all", rest_lr=1e-9))
+    assert result.evals == [] and len(result.curve) == result.steps == 6
     assert result.trainable_params == sum(p.numel() for p in model.parameters())
     after = dict(model.named_parameters())
     assert min(float((after[n] - p).abs().max()) for n, p in cores.items()) > 1e-5
@@ -201,6 +203,7 @@ def test_two_processes_under_torchrun_give_the_one_process_curve(compressed_dir,
         (["--rest-lr", "1e-5"], "only applies with train='all'"),
         (["--gauge", "diagonal"], "gauge must be one of"),
         (["--hidden-distill", "-1"], "hidden_distill must be >= 0"),
+        (["--eval-tokens", "1"], "eval_tokens must be 0 (no held-out checks) or >= 2"),
         (["--hidden-distill", "1", "--teacher-top-k", "64"], "set teacher_top_k=0"),
     ],
 )

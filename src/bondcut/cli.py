@@ -564,7 +564,7 @@ def heal_command(
         ),
     ] = "mpo",
     eval_every: Annotated[int, typer.Option(help="steps between held-out perplexity checks (0 = start and end)")] = 0,
-    eval_tokens: Annotated[int, typer.Option(help="held-out tokens per check")] = 4096,
+    eval_tokens: Annotated[int, typer.Option(help="held-out tokens per check (0: no checks)")] = 4096,
     checkpoint_every: Annotated[int, typer.Option(help="steps between atomic checkpoints (0 = none)")] = 50,
     resume: Annotated[
         bool, typer.Option(help="continue from the last checkpoint in --out's checkpoint folder")
@@ -653,11 +653,14 @@ def heal_command(
         bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite, extra_files={"heal.json": record})
     plot_heal(result.to_dict(), out / "heal.png")
     shutil.rmtree(checkpoints, ignore_errors=True)  # the healed model is saved; the checkpoint has served
-    before, after = result.evals[0], result.evals[-1]
     per_step = config.batch_size * config.seq_len
-    console.print(f"held-out perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} "
-                  f"({after['tokens_scored']:,} tokens, context {after['context']}, stride {after['stride']}); "
-                  f"{result.steps} steps x {per_step:,} tokens = {result.steps * per_step:,} tokens "
+    if result.evals:
+        before, after = result.evals[0], result.evals[-1]
+        console.print(
+            f"held-out perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} "
+            f"({after['tokens_scored']:,} tokens, context {after['context']}, stride {after['stride']})"
+        )
+    console.print(f"{result.steps} steps x {per_step:,} tokens = {result.steps * per_step:,} tokens "
                   f"({result.steps * per_step / result.train_tokens_per_pass:.2f} passes over "
                   f"the train split) in {result.seconds:.0f} s on {result.processes} process(es); "
                   f"trainable {result.trainable_params:,} params, AdamW state {result.optimizer_state_bytes / 1e6:.0f} MB")  # fmt: skip

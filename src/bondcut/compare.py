@@ -311,7 +311,7 @@ def run_method(
         aware = train == "mpo+scales"  # the joint plan's cores through their rounding, beside the packed scales
         heal_config = HealConfig(tokens=config.heal_tokens, lr=config.scale_lr if train == "scales" else lr,
                                  rest_lr=config.scale_lr if aware else None, quant_pending=aware, train=train,
-                                 distill=config.distill, eval_tokens=1024, seed=config.seed)  # fmt: skip
+                                 distill=config.distill, eval_tokens=0, seed=config.seed)  # fmt: skip  # scored here, before and after
         heal(model, tokenizer, heal_config, teacher=teacher if config.distill else None)
         heal_s = time.perf_counter() - start
     if method == "joint" and train == "mpo":
@@ -386,7 +386,9 @@ def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareCon
     packed = {r.method for r in results if r.method in QUANTIZED or r.method == "bondcut_int4"
               or (r.method == "joint" and r.perplexity_before_heal is None)}  # fmt: skip  # nothing float to train
     trainable = [d for m, d in dirs.items() if m not in packed]
-    training = bench(trainable, baseline=baseline, settings=settings, phases=("training",), on_step=on_step)
+    timed = len(trainable) > 1  # a baseline step time alone is no ratio: nothing else here trains
+    training = (bench(trainable, baseline=baseline, settings=settings, phases=("training",), on_step=on_step)
+                if timed else {"models": {}})  # fmt: skip
     speed = {}
     for method, d in dirs.items():
         ratios = {**inference.get("ratios", {}).get(d, {}), **training.get("ratios", {}).get(d, {})}
@@ -394,7 +396,7 @@ def measure_speed(out: Path, results: Sequence[MethodResult], config: CompareCon
             inference["models"][d]["inference"]["decode_b1_tokens_per_s"]["median"],
             ratios.get("decode_b1_speedup", 1.0 if d == baseline else None),
             training["models"].get(d, {}).get("training", {}).get("step_s", {}).get("median"),
-            ratios.get("train_step_speedup", 1.0 if d == baseline else None),
+            ratios.get("train_step_speedup", 1.0 if d == baseline and timed else None),
             inference["models"][d]["inference"]["peak_rss_mb"],
         )))  # fmt: skip
     return {"per_method": speed, "environment": inference["environment"], "settings": inference["settings"]}

@@ -68,7 +68,8 @@ class HealConfig:
             ||h_student - h_teacher||^2 / ||h_teacher||^2 (TinyBERT-style intermediate-layer distillation; per
             position, so the first token's outsized activations do not dominate). The teacher runs on every batch.
         eval_every: steps between held-out perplexity measurements (0 = only before and after).
-        eval_tokens: held-out tokens scored each time (context 512, stride 256).
+        eval_tokens: held-out tokens scored each time (context 512, stride 256); 0 = no held-out checks at all
+            (for callers that score the model themselves, as ``compare`` does before and after healing).
         checkpoint_every: steps between checkpoints (0 = none).
         gradient_checkpointing: recompute activations in backward (less memory, ~30 % more time).
         fsdp: under several processes, shard with FSDP2 (per transformer block, then the rest) instead of DDP.
@@ -148,6 +149,9 @@ class HealConfig:
         if self.quant_pending and self.train == "all":
             raise ValueError("quant_pending packs the dense layers and embedding before training: train 'mpo' "
                              "(cores) or 'mpo+scales' (cores and the packed layers' scales), not 'all'")  # fmt: skip
+        if self.eval_tokens < 0 or self.eval_tokens == 1:
+            raise ValueError(f"eval_tokens must be 0 (no held-out checks) or >= 2 (a perplexity needs a predicted "
+                             f"token), got {self.eval_tokens}")  # fmt: skip
         if self.first_batch < 0:
             raise ValueError(f"first_batch must be >= 0 (batches of the data order to skip), got {self.first_batch}")
         if min(self.tokens, self.seq_len, self.batch_size, self.micro_batch) < 1 or self.lr <= 0:
@@ -305,7 +309,7 @@ def heal(
         start_step, result = _load_checkpoint(checkpoint, accelerator.unwrap_model(wrapped), optimizer, schedule)
         result.processes = world  # the checkpoint may come from a run on another number of processes
         log.info("resumed at step %d from %s", start_step, checkpoint)
-    else:
+    elif config.eval_tokens:
         result.evals.append(_evaluate(accelerator, wrapped, tokenizer, 0, config.eval_tokens, sharded))
     began = time.perf_counter() - result.seconds
     for step in range(start_step, config.steps):
@@ -340,7 +344,7 @@ def heal(
                  "seconds": seconds}  # fmt: skip
         result.curve.append(point)
         last = step + 1 == config.steps
-        if config.eval_every and (step + 1) % config.eval_every == 0 and not last:
+        if config.eval_tokens and config.eval_every and (step + 1) % config.eval_every == 0 and not last:
             result.evals.append(_evaluate(accelerator, wrapped, tokenizer, step + 1, config.eval_tokens, sharded))
         result.seconds = time.perf_counter() - began
         result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
@@ -350,9 +354,10 @@ def heal(
                 _save_checkpoint(checkpoint, state)
             accelerator.wait_for_everyone()
         if on_step is not None and accelerator.is_main_process:
-            on_step({**point, "steps": config.steps, "eval": result.evals[-1]})
+            on_step({**point, "steps": config.steps, "eval": result.evals[-1] if result.evals else {}})
     store_trained_ranges(model)  # before the last evaluation: it scores the fp16 scales and offsets that are saved
-    result.evals.append(_evaluate(accelerator, wrapped, tokenizer, config.steps, config.eval_tokens, sharded))
+    if config.eval_tokens:
+        result.evals.append(_evaluate(accelerator, wrapped, tokenizer, config.steps, config.eval_tokens, sharded))
     result.seconds = time.perf_counter() - began
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
