@@ -17,7 +17,7 @@ def test_compare_writes_one_table_with_every_method_and_resumes(tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "smollm2-135m", "--out", str(out), "--ratio", "0.5",
             "--methods", "original_tuned,int8,layerchop",
-            "--heal-tokens", "2048", "--eval-tokens", "256", "--chop-rule", "deepest", "--threads", "1",
+            "--heal-tokens", "512", "--eval-tokens", "256", "--chop-rule", "deepest", "--threads", "1",
             "--bench-repeats", "1", "--bench-train-batch", "1"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -70,7 +70,7 @@ def test_compare_writes_one_table_with_every_method_and_resumes(tmp_path):
     assert (out / "results" / "int8.json").stat().st_mtime > int8_made
     assert (out / "results" / "layerchop.json").stat().st_mtime == stamp
     rebuilt = json.loads((out / "results" / "int8.json").read_text())["settings"]
-    assert rebuilt["scale_lr"] == 1e-4 and rebuilt["heal_tokens"] == 2048
+    assert rebuilt["scale_lr"] == 1e-4 and rebuilt["heal_tokens"] == 512
     again = json.loads((out / "compare.json").read_text())
     assert [m["method"] for m in again["methods"]] == ["original", "original_tuned", "int8", "int4", "layerchop"]
     assert again["speed"]["per_method"]["layerchop"] == speed["layerchop"]  # kept from the first run
@@ -201,3 +201,10 @@ def test_the_joint_rows_widths_reach_its_search_and_are_one_of_its_settings(monk
     for bits, message in (("8,5", "joint_bits"), ("8;4", "--joint-bits takes whole numbers")):
         result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--joint-bits", bits])
         assert result.exit_code == 2 and message in _flat(result.output), result.output
+
+
+def test_a_small_healing_budget_trains_on_that_many_tokens():
+    """Healing steps take 8 rows of 256 tokens; a budget below one such step takes fewer rows, not a full step."""
+    from bondcut.compare import heal_rows
+
+    assert [heal_rows(t) for t in (65536, 2048, 512, 100)] == [8, 8, 2, 1]

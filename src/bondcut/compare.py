@@ -309,7 +309,9 @@ def run_method(
         start = time.perf_counter()
         lr = config.finetune_lr if method == "original_tuned" else config.heal_lr
         aware = train == "mpo+scales"  # the joint plan's cores through their rounding, beside the packed scales
+        rows = heal_rows(config.heal_tokens)
         heal_config = HealConfig(tokens=config.heal_tokens, lr=config.scale_lr if train == "scales" else lr,
+                                 batch_size=rows, micro_batch=min(rows, HealConfig.micro_batch),
                                  rest_lr=config.scale_lr if aware else None, quant_pending=aware, train=train,
                                  distill=config.distill, eval_tokens=0, seed=config.seed)  # fmt: skip  # scored here, before and after
         heal(model, tokenizer, heal_config, teacher=teacher if config.distill else None)
@@ -339,6 +341,14 @@ def run_method(
     atomic_write_text(result_file, json.dumps(result.to_dict(), indent=2))
     _forget_speed(out, method)
     return result
+
+
+def heal_rows(tokens: int) -> int:
+    """Rows per healing step: healing's usual batch, fewer when the budget is smaller than one such step (a
+    budget of 512 tokens trains on 512, not on one full batch of 2,048)."""
+    from .heal import HealConfig
+
+    return max(1, min(HealConfig.batch_size, tokens // HealConfig.seq_len))
 
 
 def _what_trains(method: str, model: nn.Module, config: CompareConfig) -> str | None:
