@@ -183,6 +183,7 @@ def test_gptq_packing_is_priced_as_gptq_rounds_it(trained_model):
     metric = OutputError(weight, cholesky_factor(covs[name], 1e-2))
     stored = dequantize(quantize_aware(weight, covs[name], 4, 64, QuantizeConfig.damping))
     assert entry.dense_packing_errors[4, 64] == pytest.approx(metric(stored), rel=1e-6)
+    assert torch.equal(entry.dense_packed_weights[4, 64], stored)  # what a measuring search runs in its place
     options = priced_options(entry, 4, 64)
     dense4 = next(o for o in options if o.layout == "dense" and o.bits == 4)
     assert dense4.error == pytest.approx(entry.dense_packing_errors[4, 64])
@@ -222,6 +223,53 @@ def test_target_bytes_compress_fits_the_file_and_reloads(fresh_trained_model, pr
     reloaded, _ = bondcut.load(tmp_path / "joint")
     with torch.no_grad():
         assert torch.equal(reloaded(prompt_ids).logits, logits)
+
+
+def _kl_to(reference: torch.nn.Module, model: torch.nn.Module, windows: torch.Tensor) -> float:
+    """Mean KL(reference || model) per predicted token over ``windows``, as the search measures it."""
+    total = 0.0
+    with torch.no_grad():
+        for ids in windows:
+            ref = torch.log_softmax(reference(ids[None]).logits[0, :-1].float(), -1)
+            out = torch.log_softmax(model(ids[None]).logits[0, :-1].float(), -1)
+            total += float((ref.exp() * (ref - out)).sum(-1).mean())
+    return total / len(windows)
+
+
+def test_joint_search_measures_the_model_its_plan_builds(trained_model, fresh_trained_model):
+    """--search with --target-bytes: the evolutionary search over the knapsack's plan measures exactly the model
+    the plan then builds (cores, packed matrices, rounded embedding), and never ends worse than it started."""
+    from bondcut.calibration import calibration_windows
+    from bondcut.quant.kernels import packed_kernels
+
+    original, tokenizer = trained_model
+    model, _ = fresh_trained_model
+    config = bondcut.CompressConfig(target_bytes=432_000_000, include=["re:layers\\.2\\."], profile_tokens=256,
+                                    search_tokens=256, calibration_tokens=1024, search_evaluations=6,
+                                    joint_rounding="rtn", max_deleted_blocks=0)  # fmt: skip
+    report = bondcut.compress(model, config, tokenizer=tokenizer)
+    search = report.plan["search"]
+    assert search["evaluations"] == 6 and search["kl_after"] <= search["kl_before"]
+    assert report.joint["predicted_bytes"] <= 432_000_000 and report.joint["embedding_bits"] in (8, 4)
+    assert report.plan["method"] == "joint-knapsack+search"
+    windows = calibration_windows(tokenizer, 256, 256)
+    with packed_kernels(False):  # the exact dequantizing path (the int4 kernel rounds activations to bf16)
+        assert _kl_to(original, model, windows) == pytest.approx(search["kl_after"], rel=1e-3)
+
+
+def test_a_skipped_block_is_the_block_deleted(fresh_trained_model, prompt_ids):
+    """While a plan is measured, a deleted block hands its input on: the same logits as removing it."""
+    import copy
+
+    from bondcut.joint import SkippedBlock
+    from bondcut.layerchop import remove_blocks
+
+    model, _ = fresh_trained_model
+    removed = copy.deepcopy(model)
+    remove_blocks(removed, [3])
+    model.model.layers[3] = SkippedBlock(model.model.layers[3])
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt_ids).logits, removed(prompt_ids).logits)
 
 
 def test_target_bytes_excludes_other_size_controls():

@@ -64,8 +64,8 @@ def test_rotated_gptq_is_priced_lower_at_3_bits_on_real_layers_and_the_price_is_
     for name in BLOCK_28:
         weight, gram = model.get_submodule(name).weight.detach(), block_28_grams[name]
         metric = OutputError(weight, cholesky_factor(gram, 1e-2))  # the allocator's metric: the layer's output error
-        nearest, stored, _ = _packing_errors(weight, gram, metric, (3,), (128,), "gptq")
-        nearest_rotated, stored_rotated, _ = _packing_errors(weight, gram, metric, (3,), (128,), "gptq", rotate=True)
+        nearest, stored, _, _ = _packing_errors(weight, gram, metric, (3,), (128,), "gptq")
+        nearest_rotated, stored_rotated, _, _ = _packing_errors(weight, gram, metric, (3,), (128,), "gptq", rotate=True)
         assert nearest_rotated == nearest
         plain, rotated = plain + stored[(3, 128)], rotated + stored_rotated[(3, 128)]
     assert rotated < 0.6 * plain, (rotated, plain)

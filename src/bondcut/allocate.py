@@ -188,14 +188,19 @@ def allocate(
 
 def stand_in_weight(entry: MatrixCandidates, choice: LayerChoice | Option, group_size: int = 64) -> torch.Tensor:
     """The dense (out x in) matrix a plan choice or option represents (the original weight for "dense"),
-    including the rounding of its packed storage when the choice has ``bits``."""
+    including the rounding of its packed storage when the choice has ``bits``: a dense matrix as its packing
+    stored it (``entry.dense_packed_weights``: GPTQ, rotated, as the plan packs it) where the candidates kept that,
+    else rounded to nearest; MPO cores to nearest, as they are packed."""
     from .quant.packing import dequantize, quantize
 
     bits = getattr(choice, "bits", None)
     if choice.layout == "dense":
+        if bits is None:
+            return entry.weight
+        stored = entry.dense_packed_weights.get((bits, group_size))
         return (
-            entry.weight
-            if bits is None
+            stored
+            if stored is not None
             else dequantize(quantize(entry.weight, bits, group_size)).to(entry.weight.dtype)
         )
     if bits is None:

@@ -51,6 +51,9 @@ class MatrixCandidates:
     dense_packing_errors: dict[tuple[int, int], float] = field(default_factory=dict)
     # group size asked -> the group the dense matrix is packed in (GPTQ keeps groups inside rows: a divisor)
     dense_groups: dict[int, int] = field(default_factory=dict)
+    # (bits, group size) -> the dense matrix as that packing stores it, read back (rotated back): what a search
+    # measuring plans on real text runs in its place
+    dense_packed_weights: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def dense_params(self) -> int:
@@ -117,9 +120,9 @@ def build_candidates(
         metric = None if cov is None else OutputError(weight.detach(), cholesky_factor(cov, damping))
         entry = MatrixCandidates(name, tuple(weight.shape), weight=weight.detach())
         if packing_bits:
-            entry.packing_errors, entry.dense_packing_errors, entry.dense_groups = _packing_errors(
-                weight.detach(), cov, metric, packing_bits, packing_groups, packing_rounding, packing_rotate
-            )
+            (entry.packing_errors, entry.dense_packing_errors, entry.dense_groups,
+             entry.dense_packed_weights) = _packing_errors(weight.detach(), cov, metric, packing_bits, packing_groups,
+                                                           packing_rounding, packing_rotate)  # fmt: skip
         entry.options.append(Option("dense", None, entry.dense_params, 0.0))
         for layout in layouts:
             try:
@@ -144,11 +147,13 @@ def _packing_errors(
     groups: Sequence[int],
     rounding: str,
     rotate: bool = False,
-) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float], dict[int, int]]:
+) -> tuple[
+    dict[tuple[int, int], float], dict[tuple[int, int], float], dict[int, int], dict[tuple[int, int], torch.Tensor]
+]:
     """Relative output errors of ``weight`` packed at each of ``bits`` x ``groups``: rounded to nearest, and as
     ``rounding`` packs it (GPTQ needs the input statistics ``cov``; without them it falls back to nearest), inputs
-    rotated first with ``rotate``; and per group asked, the group the packed dense matrix actually has (GPTQ keeps
-    groups inside rows)."""
+    rotated first with ``rotate``; per group asked, the group the packed dense matrix actually has (GPTQ keeps
+    groups inside rows); and per format, the matrix as stored, read back in the weight's frame and dtype."""
     from .quant import rotation
     from .quant.apply import QuantizeConfig
     from .quant.gptq import quantize_aware
@@ -159,7 +164,8 @@ def _packing_errors(
     nearest_errors = {key: metric(dequantize(packed)) for key, packed in nearest.items()}
     block = rotation.rotation_block(weight.shape[1]) if rotate else 1
     if block == 1 and (rounding == "rtn" or cov is None):
-        return nearest_errors, dict(nearest_errors), {g: packed.group_size for (_, g), packed in nearest.items()}
+        values = {key: dequantize(packed).to(weight.dtype) for key, packed in nearest.items()}
+        return nearest_errors, dict(nearest_errors), {g: p.group_size for (_, g), p in nearest.items()}, values
     frame, back = weight, lambda values: values
     if block > 1:  # the stored matrix is W R^T; its error, rotated back, is what the layer's output sees
         signs = rotation.rotation_signs(weight.shape[1], rotation.DEFAULT_SEED)
@@ -170,8 +176,9 @@ def _packing_errors(
     else:
         damping = QuantizeConfig.damping  # the packing's own dampening, so the price matches what is stored
         stored = {(b, g): quantize_aware(frame, cov, b, g, damping) for b, g in formats}
-    stored_errors = {key: metric(back(dequantize(packed))) for key, packed in stored.items()}
-    return nearest_errors, stored_errors, {g: packed.group_size for (_, g), packed in stored.items()}
+    values = {key: back(dequantize(packed)).to(weight.dtype) for key, packed in stored.items()}
+    stored_errors = {key: metric(value) for key, value in values.items()}
+    return nearest_errors, stored_errors, {g: packed.group_size for (_, g), packed in stored.items()}, values
 
 
 def _options(entry: MatrixCandidates, layout: str, metric: OutputError | None) -> list[Option]:

@@ -42,7 +42,8 @@ class CompressConfig:
         profile: JSON path of the sensitivity profile to reuse or write (default: bondcut's cache, per model).
         profile_tokens: calibration tokens per profile loss evaluation.
         profile_fractions: kept fractions at which every matrix's loss increase is measured.
-        search_evaluations: budget of real evaluations to refine the profile plan (0 = none).
+        search_evaluations: budget of real evaluations to refine the profile plan, or the joint plan of
+            ``target_bytes`` (0 = none).
         search_tokens: calibration tokens per search evaluation.
         target_bytes: instead of ``ratio``: bytes the weights may take on disk (an int, '60MB', or a share of the
             model's fp32 weights such as '10%', 4 bytes per parameter); the joint allocator

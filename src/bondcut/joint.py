@@ -17,12 +17,16 @@ Rounding damage (packing errors and the embedding's KL) is weighted by ``roundin
 1 predicts the KL of the model as packed; a model healed afterwards keeps less of its rounding damage
 (:data:`HEALED_ROUNDING_WEIGHT`).
 For every k in 0..max_blocks, the exact multiple-choice knapsack (in bytes) picks the matrices' options and
-the embedding's precision; the k with the least predicted total wins.
+the embedding's precision; the k with the least predicted total wins. With a stated number of evaluations,
+:func:`refine_joint` then moves matrices between their options on measured KL (an evolutionary search, as
+:mod:`bondcut.search` does for a parameter budget): the sum of single-matrix predictions misses how damages
+combine, and the measurement does not.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -291,17 +295,131 @@ def allocate_joint(
             continue
         by_group[group] = stats["predicted_kl"]
         if best is None or stats["predicted_kl"] < best[0]["predicted_kl"]:
-            best = (stats, chosen, bits, gone, group, kls)
+            best = (stats, chosen, bits, gone, group, kls, options)
     if best is None:
         raise failure
-    stats, chosen, bits, gone, group, kls = best
+    stats, chosen, bits, gone, group, kls, options = best
     plan = joint_plan(candidates, alphas, chosen, gone, bits, budget, group, stats)
+    if config.search_evaluations:
+        on_eval = None if on_progress is None else lambda i, n: on_progress("search", i, n)
+        plan = refine_joint(model, tokenizer, plan, candidates, alphas, options, config.search_evaluations,
+                            tokens=config.search_tokens, rounding=config.joint_rounding,
+                            calibration_tokens=max(512, config.calibration_tokens or 0), on_eval=on_eval)  # fmt: skip
     plan.plan.search["profile"] = source
     plan.plan.search["embedding_kl"] = kls
     plan.plan.search["deletion_order"] = {"blocks": order, "kl": deletion_kls}
     plan.plan.search["predicted_kl_by_group_size"] = by_group
     plan.plan.search["rounding_weight"] = config.rounding_weight
     return plan
+
+
+class SkippedBlock(nn.Module):
+    """A deleted block while a plan is measured: hands its input hidden states on unchanged."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        from .replay import copy_block_attributes
+
+        copy_block_attributes(block, self)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _measured_storage(model: nn.Module, tokenizer, bits: int | None, group_size: int, removed: list[int],
+                      rounding: str, calibration_tokens: int):  # fmt: skip
+    """Prepare a measured plan's model: the embedding (and an untied head) rounded to ``bits`` as the packing will
+    round it (GPTQ on the head's inputs for a tied embedding under "gptq", else to nearest) and the ``removed``
+    blocks skipped, after the original's distributions are recorded. Returns the undo."""
+    from .calibration import input_covariances
+    from .quant.apply import QuantizeConfig
+    from .quant.gptq import quantize_aware
+    from .quant.packing import group_dividing
+    from .surgery import name_of
+
+    def prepare(replay) -> Callable[[], None]:
+        tensors = embedding_tensors(model) if bits is not None else []
+        saved = [p.detach().clone() for p in tensors]
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is model.get_input_embeddings().weight
+        gram = None
+        if tensors and tied and rounding == "gptq":
+            head_name = name_of(model, head)
+            gram = input_covariances(model, tokenizer, [head_name], tokens=calibration_tokens)[0][head_name]
+        with torch.no_grad():
+            for p in tensors:
+                group = group_dividing(p.shape[1], group_size, bits)
+                packed = (
+                    quantize(p, bits, group)
+                    if gram is None
+                    else quantize_aware(p, gram, bits, group, QuantizeConfig.damping)
+                )
+                p.copy_(dequantize(packed))
+        blocks = {i: replay.blocks[i] for i in removed}
+        for i, block in blocks.items():
+            replay.blocks[i] = SkippedBlock(block)
+
+        def undo() -> None:
+            with torch.no_grad():
+                for p, value in zip(tensors, saved):
+                    p.copy_(value)
+            for i, block in blocks.items():
+                replay.blocks[i] = block
+
+        return undo
+
+    return prepare
+
+
+def refine_joint(
+    model: nn.Module,
+    tokenizer,
+    joint: JointPlan,
+    candidates: dict[str, MatrixCandidates],
+    alphas: dict[str, float],
+    options: dict[str, list[Option]],
+    evaluations: int,
+    tokens: int = 1024,
+    context: int = 512,
+    rounding: str = "rtn",
+    calibration_tokens: int = 16384,
+    seed: int = 0,
+    on_eval: Callable[[int, int], None] | None = None,
+) -> JointPlan:
+    """The knapsack's plan refined on real evaluations (:class:`bondcut.search.Evolution`, sizes in bytes): each
+    matrix moves along its priced options (``options``, every precision) while the bytes of the matrices stay
+    within what the plan may spend on them; the embedding's precision and the deleted blocks stay as planned and
+    take part in every measurement; dense matrices and the embedding are measured as their packing (``rounding``,
+    GPTQ on ``calibration_tokens``) stores them, MPO cores rounded to nearest. The result's measured KL to the
+    original is at most the knapsack plan's."""
+    from .calibration import calibration_windows
+    from .search import Evolution
+
+    began = time.perf_counter()
+    names = list(joint.plan.layers)
+    ladders = {n: options[n] for n in names}
+    level = {}
+    for n in names:
+        c = joint.plan.layers[n]
+        level[n] = next(i for i, o in enumerate(ladders[n]) if (o.layout, o.chi, o.bits) == (c.layout, c.chi, c.bits))
+    spent = sum(ladders[n][level[n]].nbytes for n in names)
+    budget = spent + joint.budget_bytes - joint.predicted_bytes  # the matrices may use the plan's slack too
+    windows = calibration_windows(tokenizer, tokens, min(context, tokens))
+    prepare = _measured_storage(model, tokenizer, joint.embedding_bits, joint.group_size, joint.removed_blocks,
+                                rounding, calibration_tokens)  # fmt: skip
+    search = Evolution(model, windows, candidates, ladders, lambda o: o.nbytes, joint.group_size, prepare)
+    level, accepted, start, parent = search.run(level, budget, evaluations, seed=seed, on_eval=on_eval)
+    chosen = {n: ladders[n][level[n]] for n in names}
+    layers = {n: choice_of(candidates[n], o, alphas[n]) for n, o in chosen.items()}
+    used = joint.predicted_bytes - spent + sum(o.nbytes for o in chosen.values())
+    old = sum(c.predicted for c in joint.plan.layers.values())
+    predicted = joint.predicted_kl - old + sum(c.predicted for c in layers.values())  # embedding, deletions stay
+    stats = {**joint.plan.search, "evaluations": evaluations, "accepted": accepted, "tokens": tokens,
+             "kl_before": start.kl, "kl_after": parent.kl, "loss_before": start.loss, "loss_after": parent.loss,
+             "seconds": time.perf_counter() - began}  # fmt: skip
+    plan = Plan(layers=layers, budget=joint.budget_bytes, method=f"{joint.plan.method}+search", search=stats,
+                predicted_loss=predicted)  # fmt: skip
+    return replace(joint, plan=plan, predicted_bytes=used, predicted_kl=predicted)
 
 
 def packing_of(plan: JointPlan, rounding: str, rotate: bool = False) -> dict:
