@@ -29,3 +29,15 @@ def test_too_little_text_is_a_clear_error(trained_model):
     model, tokenizer = trained_model
     with pytest.raises(ValueError, match="calibration tokens"):
         input_covariances(model, tokenizer, ["model.layers.0.mlp.up_proj"], tokens=10, context=64, text="Too short.")
+
+
+def test_unseen_windows_come_from_text_the_statistics_did_not_see(trained_model):
+    """A search measures on the calibration split's end; the input statistics take its first 16,384 tokens."""
+    from bondcut.calibration import calibration_windows, unseen_calibration_windows
+
+    _, tokenizer = trained_model
+    seen = tokenizer.decode(calibration_windows(tokenizer, 16384, 512).reshape(-1))
+    unseen = unseen_calibration_windows(tokenizer, 1024, 512)
+    assert unseen.shape == (2, 512)
+    for row in unseen:
+        assert tokenizer.decode(row[5:40]) not in seen

@@ -204,7 +204,7 @@ def test_target_bytes_compress_fits_the_file_measures_what_it_builds_and_reloads
 ):
     """The knapsack's plan, refined on real evaluations (--search), fits the file; the search measured the model
     the plan then builds (cores, GPTQ-packed matrices and embedding, deleted blocks); it reloads exactly."""
-    from bondcut.calibration import calibration_windows
+    from bondcut.calibration import unseen_calibration_windows
     from bondcut.quant.kernels import packed_kernels
 
     original, _ = trained_model
@@ -225,7 +225,7 @@ def test_target_bytes_compress_fits_the_file_measures_what_it_builds_and_reloads
     assert search["rounding_weight"] == 0.3 and report.plan["method"] == "joint-knapsack+search"
     assert search["evaluations"] == 6 and search["kl_after"] <= search["kl_before"]
     with packed_kernels(False):  # the exact dequantizing path (the int4 kernel rounds activations to bf16)
-        built = _kl_to(original, model, calibration_windows(tokenizer, 256, 256))
+        built = _kl_to(original, model, unseen_calibration_windows(tokenizer, 256, 256))
     assert built == pytest.approx(search["kl_after"], rel=0.05)  # GPTQ's statistics: the original's vs the plan's
     group = joint["group_size"]
     packed_groups = {layout["group_size"] for layout in quant_layouts(model).values() if "group_size" in layout}

@@ -37,6 +37,18 @@ def calibration_windows(tokenizer, tokens: int, context: int, text: str | None =
     return windows
 
 
+def unseen_calibration_windows(tokenizer, tokens: int, context: int) -> torch.Tensor:
+    """``tokens`` tokens from the end of the calibration split, as (rows, context) windows: text the input
+    statistics (taken from its start) have not seen, so a search measuring choices fitted to those statistics
+    (activation-aware decompositions, GPTQ) on it is not flattered by them (disjoint while the split holds
+    statistics' tokens + ``tokens``: 136k tokens for the Brown split)."""
+    from .corpus import split_text
+
+    text = split_text("calibration")
+    tail = text[-tokens * 8 :]  # ~4 characters per token: enough for ``tokens``
+    return calibration_windows(tokenizer, tokens, context, tail[tail.find(" ") + 1 :])
+
+
 def input_covariances(
     model: nn.Module,
     tokenizer,
