@@ -203,7 +203,7 @@ def test_target_bytes_compress_fits_the_file_measures_what_it_builds_and_reloads
     trained_model, fresh_trained_model, prompt_ids, tmp_path
 ):
     """The knapsack's plan, refined on real evaluations (--search), fits the file; the search measured the model
-    the plan then builds (cores, GPTQ-packed matrices and embedding, deleted blocks); it reloads exactly."""
+    the plan then builds (cores, GPTQ-packed matrices and embedding); it reloads exactly."""
     from bondcut.calibration import unseen_calibration_windows
     from bondcut.quant.kernels import packed_kernels
 
