@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from bondcut.joint import (
     parse_bytes,
     priced_options,
     solve_joint,
+    uniform_plans,
 )
 from bondcut.layerchop import names_after_removal
 from bondcut.quant import quant_layouts
@@ -114,6 +116,30 @@ def test_priced_options_are_a_frontier_with_exact_dense_packing_errors(trained_m
     assert any(o.bits == 4 and o.layout == "lowrank" for o in options)  # packed low rank is on the frontier
     dense32 = next(o for o in priced_options(candidates["o"], 4, 32) if o.layout == "dense" and o.bits == 4)
     assert dense32.error == pytest.approx(deltas[4, 32]) and dense32.nbytes == weight.numel() * 5 // 8  # 4 + 32/32 bits
+
+
+def test_uniform_plans_pack_every_matrix_and_the_embedding_to_one_width_within_the_budget(trained_model):
+    """The single-technique rivals of the knapsack's plan: per group size and width, every matrix dense at that
+    width and the embedding too, kept only where the bytes fit (int8 does not fit a budget int4 just fits)."""
+    model, _ = trained_model
+    weights = {n: model.get_submodule(n).weight.detach() for n in ("model.layers.4.self_attn.o_proj",
+                                                                      "model.layers.4.mlp.down_proj")}  # fmt: skip
+    candidates = build_candidates(weights, None, ("lowrank",), packing_bits=(8, 4), packing_groups=(64, 128))
+    alphas = {n: 1.0 for n in weights}
+    embedding = {None: (4000, 0.0), 8: (1100, 0.01), 4: (600, 0.05)}
+    priced = {g: ({n: priced_options(c, 4, g) for n, c in candidates.items()}, embedding) for g in (64, 128)}
+    fixed = 1000
+    int4_64 = fixed + 600 + sum(math.ceil(w.numel() * 4.5 / 8) for w in weights.values())
+    plans = uniform_plans(candidates, alphas, priced, (8, 4), int4_64, fixed, 4)
+    assert [(p.group_size, p.embedding_bits) for p in plans] == [(64, 4), (128, 4)]  # int8 is over budget
+    for plan in plans:
+        assert plan.removed_blocks == [] and plan.plan.method == "uniform-int4" and plan.predicted_bytes <= int4_64
+        assert {(c.layout, c.bits) for c in plan.plan.layers.values()} == {("dense", 4)}
+        errors = {n: priced[plan.group_size][0][n] for n in weights}
+        expected = sum(next(o.error for o in errors[n] if (o.layout, o.bits) == ("dense", 4)) for n in weights)
+        assert plan.predicted_kl == pytest.approx(expected + 0.05)
+    assert plans[0].predicted_bytes == int4_64 and plans[1].predicted_bytes < int4_64  # groups of 128 are smaller
+    assert uniform_plans(candidates, alphas, priced, (8, 4), int4_64 - 1, fixed, 4)[0].group_size == 128
 
 
 def test_three_and_two_bit_packing_are_priced_between_int4_and_low_rank(trained_model):
@@ -222,7 +248,13 @@ def test_target_bytes_compress_fits_the_file_measures_what_it_builds_and_reloads
     search = report.plan["search"]
     by_group = search["predicted_kl_by_group_size"]  # one plan per group size, the least KL wins
     assert set(by_group) == {32, 128} and joint["group_size"] == min(by_group, key=by_group.get)
-    assert search["rounding_weight"] == 0.3 and report.plan["method"] == "joint-knapsack+search"
+    starts = search["starts"]  # the knapsack's plan and every uniform plan that fits (int8 does not), measured
+    assert [(s["method"], s["group_size"]) for s in starts][1:] == [("uniform-int4", 32), ("uniform-int4", 128)]
+    assert starts[0]["method"] == "joint-knapsack"
+    assert all(s["predicted_bytes"] <= target for s in starts)
+    first = min(starts, key=lambda s: s["measured_kl"])  # the search starts from the best measured
+    assert search["kl_before"] == pytest.approx(first["measured_kl"], rel=1e-6)
+    assert search["rounding_weight"] == 0.3 and report.plan["method"] == f"{first['method']}+search"
     assert search["evaluations"] == 6 and search["kl_after"] <= search["kl_before"]
     with packed_kernels(False):  # the exact dequantizing path (the int4 kernel rounds activations to bf16)
         built = _kl_to(original, model, unseen_calibration_windows(tokenizer, 256, 256))

@@ -18,9 +18,11 @@ Rounding damage (packing errors and the embedding's KL) is weighted by ``roundin
 (:data:`HEALED_ROUNDING_WEIGHT`).
 For every k in 0..max_blocks, the exact multiple-choice knapsack (in bytes) picks the matrices' options and
 the embedding's precision; the k with the least predicted total wins. With a stated number of evaluations,
-:func:`refine_joint` then moves matrices between their options on measured KL (an evolutionary search, as
-:mod:`bondcut.search` does for a parameter budget): the sum of single-matrix predictions misses how damages
-combine, and the measurement does not.
+that plan and every single-technique plan that fits (all matrices and the embedding packed to one width,
+:func:`uniform_plans`) are measured first and the search starts from the best (:func:`best_measured_start`): the
+predictions can rank a fitted plan above plain packing that measures better. :func:`refine_joint` then moves
+matrices between their options on measured KL (an evolutionary search, as :mod:`bondcut.search` does for a
+parameter budget): the sum of single-matrix predictions misses how damages combine, and the measurement does not.
 """
 
 from __future__ import annotations
@@ -117,6 +119,13 @@ class JointPlan:
         return cls(**{**data, "plan": Plan.from_dict(data["plan"])})
 
 
+def packed_bytes(entry: MatrixCandidates, option: Option, bits: int, group_size: int, float_bytes: int) -> int:
+    """Bytes ``option`` of ``entry`` takes packed to ``bits`` in groups of ``group_size`` (a dense matrix in the
+    groups its rows are stored in, ``entry.dense_groups``)."""
+    stored_group = entry.dense_groups[group_size] if option.layout == "dense" else group_size
+    return math.ceil(option.params * bytes_per_weight(bits, float_bytes, stored_group))
+
+
 def priced_options(
     entry: MatrixCandidates, float_bytes: int, group_size: int, rounding_weight: float = 1.0
 ) -> list[Option]:
@@ -133,10 +142,10 @@ def priced_options(
             if group != group_size:
                 continue
             if option.layout == "dense":
-                delta, stored_group = entry.dense_packing_errors[bits, group], entry.dense_groups[group]
+                delta = entry.dense_packing_errors[bits, group]
             else:
-                delta, stored_group = len(entry.spectra[option.layout].layout) * nearest, group
-            nbytes = math.ceil(option.params * bytes_per_weight(bits, float_bytes, stored_group))
+                delta = len(entry.spectra[option.layout].layout) * nearest
+            nbytes = packed_bytes(entry, option, bits, group, float_bytes)
             options.append(replace(option, bits=bits, error=option.error + rounding_weight * delta, nbytes=nbytes))
     frontier: list[Option] = []
     for option in sorted(options, key=lambda o: (o.nbytes, o.error)):
@@ -242,12 +251,43 @@ def joint_plan(
     budget_bytes: int,
     group_size: int,
     stats: dict,
+    method: str = "joint-knapsack",
 ) -> JointPlan:
     """Wrap the solver's picks as a :class:`JointPlan` (matrices of deleted blocks are left out of the plan)."""
     layers: dict[str, LayerChoice] = {n: choice_of(candidates[n], o, alphas[n]) for n, o in chosen.items()}
-    plan = Plan(layers=layers, budget=budget_bytes, method="joint-knapsack", predicted_loss=stats["predicted_kl"])
+    plan = Plan(layers=layers, budget=budget_bytes, method=method, predicted_loss=stats["predicted_kl"])
     return JointPlan(plan, deleted, embedding_bits, budget_bytes, stats["bytes"], stats["predicted_kl"], group_size,
                      stats["trials"])  # fmt: skip
+
+
+def uniform_plans(
+    candidates: dict[str, MatrixCandidates],
+    alphas: dict[str, float],
+    priced: dict[int, tuple[dict[str, list[Option]], dict[int | None, tuple[int, float]]]],
+    bits: tuple[int, ...],
+    budget: int,
+    fixed_bytes: int,
+    float_bytes: int,
+) -> list[JointPlan]:
+    """The single-technique plans within ``budget``: every matrix dense and the embedding packed to one width in
+    one group size, no block deleted (what ``bondcut quantize --bits b`` stores). ``priced``: group size ->
+    (each matrix's priced options, the embedding's bits -> (bytes, KL)). Where a smaller option has less error
+    than a packed dense matrix (the frontier drops it), the largest option within its bytes stands in."""
+    plans = []
+    for group, (options, embedding) in priced.items():
+        for b in bits:
+            chosen = {}
+            for name, entry in candidates.items():
+                dense = next(o for o in entry.options if o.layout == "dense")
+                limit = packed_bytes(entry, dense, b, group, float_bytes)
+                chosen[name] = max((o for o in options[name] if o.nbytes <= limit), key=lambda o: o.nbytes)
+            used = fixed_bytes + sum(o.nbytes for o in chosen.values()) + embedding[b][0]
+            if used > budget:
+                continue
+            kl = sum(alphas[n] * o.error for n, o in chosen.items()) + embedding[b][1]
+            stats = {"predicted_kl": kl, "bytes": used, "trials": []}
+            plans.append(joint_plan(candidates, alphas, chosen, [], b, budget, group, stats, f"uniform-int{b}"))
+    return plans
 
 
 def allocate_joint(
@@ -282,11 +322,12 @@ def allocate_joint(
     fixed = {id(p): p.numel() * p.element_size() for p in model.parameters() if id(p) not in target_ids | emb_ids}
     block_fixed = {i: sum(fixed.get(id(p), 0) for p in block.parameters()) for i, block in enumerate(blocks)}
     budget, fixed_bytes = budget_bytes(config.target_bytes, model), sum(fixed.values())
-    best, by_group, weight = None, {}, config.rounding_weight
+    best, by_group, priced, weight = None, {}, {}, config.rounding_weight
     for group in config.joint_group_sizes:
         options = {n: priced_options(c, float_bytes, group, weight) for n, c in candidates.items()}
         kls = embedding_kls(model, windows, tuple(config.joint_bits), group)
         embedding = _embedding_prices(emb_tensors, float_bytes, group, {b: weight * kl for b, kl in kls.items()})
+        priced[group] = (options, embedding)
         try:
             chosen, bits, gone, stats = solve_joint(options, alphas, embedding, block_of, order, deletion_kls,
                                                     block_fixed, budget, fixed_bytes)  # fmt: skip
@@ -300,11 +341,16 @@ def allocate_joint(
         raise failure
     stats, chosen, bits, gone, group, kls, options = best
     plan = joint_plan(candidates, alphas, chosen, gone, bits, budget, group, stats)
+    starts = []
     if config.search_evaluations:
+        measure = dict(tokens=config.search_tokens, rounding=config.joint_rounding,
+                       calibration_tokens=max(512, config.calibration_tokens or 0))  # fmt: skip
+        rivals = uniform_plans(candidates, alphas, priced, tuple(config.joint_bits), budget, fixed_bytes, float_bytes)
+        plan, starts = best_measured_start(model, tokenizer, [plan, *rivals], candidates, priced, **measure)
         on_eval = None if on_progress is None else lambda i, n: on_progress("search", i, n)
-        plan = refine_joint(model, tokenizer, plan, candidates, alphas, options, config.search_evaluations,
-                            tokens=config.search_tokens, rounding=config.joint_rounding,
-                            calibration_tokens=max(512, config.calibration_tokens or 0), on_eval=on_eval)  # fmt: skip
+        plan = refine_joint(model, tokenizer, plan, candidates, alphas, priced[plan.group_size][0],
+                            config.search_evaluations, on_eval=on_eval, **measure)  # fmt: skip
+    plan.plan.search["starts"] = starts
     plan.plan.search["profile"] = source
     plan.plan.search["embedding_kl"] = kls
     plan.plan.search["deletion_order"] = {"blocks": order, "kl": deletion_kls}
@@ -371,6 +417,56 @@ def _measured_storage(model: nn.Module, tokenizer, bits: int | None, group_size:
     return prepare
 
 
+def best_measured_start(
+    model: nn.Module,
+    tokenizer,
+    plans: list[JointPlan],
+    candidates: dict[str, MatrixCandidates],
+    priced: dict[int, tuple[dict[str, list[Option]], dict]],
+    tokens: int = 1024,
+    context: int = 512,
+    rounding: str = "rtn",
+    calibration_tokens: int = 16384,
+) -> tuple[JointPlan, list[dict]]:
+    """Of the knapsack's plan and its single-technique rivals (:func:`uniform_plans`), the one with the least KL
+    measured as :func:`refine_joint` measures (so the search never starts below, nor returns, a plan measured
+    worse than uniform packing); with each one's figures. One plan alone is returned unmeasured."""
+    if len(plans) == 1:
+        return plans[0], []
+    starts = []
+    for plan in plans:
+        search, level, budget = _joint_search(model, tokenizer, plan, candidates, priced[plan.group_size][0],
+                                              tokens, context, rounding, calibration_tokens)  # fmt: skip
+        kl = search.run(level, budget, 0)[2].kl
+        starts.append({"method": plan.plan.method, "group_size": plan.group_size, "embedding_bits": plan.embedding_bits,
+                       "predicted_kl": plan.predicted_kl, "predicted_bytes": plan.predicted_bytes, "measured_kl": kl})  # fmt: skip
+    best = min(range(len(plans)), key=lambda i: starts[i]["measured_kl"])
+    return plans[best], starts
+
+
+def _joint_search(model: nn.Module, tokenizer, joint: JointPlan, candidates: dict[str, MatrixCandidates],
+                  options: dict[str, list[Option]], tokens: int, context: int, rounding: str,
+                  calibration_tokens: int):  # fmt: skip
+    """The evolutionary search over ``joint``'s matrices (sizes in bytes, measured as packed on unseen calibration
+    text), with the plan's levels on each matrix's ladder and the bytes the matrices may take."""
+    from .calibration import unseen_calibration_windows
+    from .search import Evolution
+
+    names = list(joint.plan.layers)
+    ladders = {n: options[n] for n in names}
+    level = {}
+    for n in names:
+        c = joint.plan.layers[n]
+        level[n] = next(i for i, o in enumerate(ladders[n]) if (o.layout, o.chi, o.bits) == (c.layout, c.chi, c.bits))
+    spent = sum(ladders[n][level[n]].nbytes for n in names)
+    budget = spent + joint.budget_bytes - joint.predicted_bytes  # the matrices may use the plan's slack too
+    windows = unseen_calibration_windows(tokenizer, tokens, min(context, tokens))
+    prepare = _measured_storage(model, tokenizer, joint.embedding_bits, joint.group_size, joint.removed_blocks,
+                                rounding, calibration_tokens)  # fmt: skip
+    search = Evolution(model, windows, candidates, ladders, lambda o: o.nbytes, joint.group_size, prepare)
+    return search, level, budget
+
+
 def refine_joint(
     model: nn.Module,
     tokenizer,
@@ -393,24 +489,13 @@ def refine_joint(
     GPTQ on ``calibration_tokens``) stores them, MPO cores rounded to nearest, on calibration text the statistics
     behind those choices have not seen (measured on the text they were fitted to, fitted options look better than
     they are on other text). The result's measured KL to the original is at most the knapsack plan's."""
-    from .calibration import unseen_calibration_windows
-    from .search import Evolution
-
     began = time.perf_counter()
     names = list(joint.plan.layers)
-    ladders = {n: options[n] for n in names}
-    level = {}
-    for n in names:
-        c = joint.plan.layers[n]
-        level[n] = next(i for i, o in enumerate(ladders[n]) if (o.layout, o.chi, o.bits) == (c.layout, c.chi, c.bits))
-    spent = sum(ladders[n][level[n]].nbytes for n in names)
-    budget = spent + joint.budget_bytes - joint.predicted_bytes  # the matrices may use the plan's slack too
-    windows = unseen_calibration_windows(tokenizer, tokens, min(context, tokens))
-    prepare = _measured_storage(model, tokenizer, joint.embedding_bits, joint.group_size, joint.removed_blocks,
-                                rounding, calibration_tokens)  # fmt: skip
-    search = Evolution(model, windows, candidates, ladders, lambda o: o.nbytes, joint.group_size, prepare)
+    search, level, budget = _joint_search(model, tokenizer, joint, candidates, options, tokens, context, rounding,
+                                          calibration_tokens)  # fmt: skip
+    spent = sum(options[n][level[n]].nbytes for n in names)
     level, accepted, start, parent = search.run(level, budget, evaluations, seed=seed, on_eval=on_eval)
-    chosen = {n: ladders[n][level[n]] for n in names}
+    chosen = {n: options[n][level[n]] for n in names}
     layers = {n: choice_of(candidates[n], o, alphas[n]) for n, o in chosen.items()}
     used = joint.predicted_bytes - spent + sum(o.nbytes for o in chosen.values())
     old = sum(c.predicted for c in joint.plan.layers.values())
