@@ -38,7 +38,6 @@ from torch import nn
 from .allocate import LayerChoice, Plan, choice_of
 from .candidates import MatrixCandidates, Option
 from .knapsack import solve_knapsack
-from .quant.packing import dequantize, quantize
 
 EMBEDDING = "<embedding>"  # the knapsack item of the token embedding (and the LM head)
 
@@ -155,9 +154,12 @@ def priced_options(
 
 
 @torch.no_grad()
-def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...], group_size: int) -> dict[int, float]:
-    """KL to the original per token when the embedding (and an untied head) is rounded to each bit width."""
-    from .quant.packing import group_dividing
+def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...], group_size: int,
+                  gram: torch.Tensor | None = None, rotate: bool = False) -> dict[int, float]:  # fmt: skip
+    """KL to the original per token when the embedding (and an untied head) is rounded to each bit width as
+    packing will round it (:func:`bondcut.quant.apply.rounded_table`: GPTQ on ``gram``, the tied head's input
+    statistics, when given; rotated with ``rotate``)."""
+    from .quant.apply import rounded_table
 
     tensors = {id(p): p for p in embedding_tensors(model)}
 
@@ -169,13 +171,26 @@ def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...]
     for b in bits:
         saved = {k: p.detach().clone() for k, p in tensors.items()}
         for p in tensors.values():
-            p.copy_(dequantize(quantize(p, b, group_dividing(p.shape[1], group_size, b))))
+            p.copy_(rounded_table(p, b, group_size, gram, rotate))
         try:
             out[b] = float((reference.exp() * (reference - logprobs())).sum(-1).mean())
         finally:
             for k, p in tensors.items():
                 p.copy_(saved[k])
     return out
+
+
+def tied_head_gram(model: nn.Module, tokenizer, tokens: int) -> torch.Tensor | None:
+    """The input Gram matrix of a tied LM head on ``tokens`` calibration tokens (what GPTQ rounds a tied
+    embedding for); None when the head is not tied."""
+    from .calibration import input_covariances
+    from .surgery import name_of
+
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not model.get_input_embeddings().weight:
+        return None
+    head_name = name_of(model, head)
+    return input_covariances(model, tokenizer, [head_name], tokens=tokens)[0][head_name]
 
 
 def _embedding_prices(
@@ -323,9 +338,11 @@ def allocate_joint(
     block_fixed = {i: sum(fixed.get(id(p), 0) for p in block.parameters()) for i, block in enumerate(blocks)}
     budget, fixed_bytes = budget_bytes(config.target_bytes, model), sum(fixed.values())
     best, by_group, priced, weight = None, {}, {}, config.rounding_weight
+    gptq = config.joint_rounding == "gptq"
+    head_gram = tied_head_gram(model, tokenizer, max(512, config.calibration_tokens or 0)) if gptq else None
     for group in config.joint_group_sizes:
         options = {n: priced_options(c, float_bytes, group, weight) for n, c in candidates.items()}
-        kls = embedding_kls(model, windows, tuple(config.joint_bits), group)
+        kls = embedding_kls(model, windows, tuple(config.joint_bits), group, head_gram, config.joint_rotate)
         embedding = _embedding_prices(emb_tensors, float_bytes, group, {b: weight * kl for b, kl in kls.items()})
         priced[group] = (options, embedding)
         try:
@@ -343,7 +360,7 @@ def allocate_joint(
     plan = joint_plan(candidates, alphas, chosen, gone, bits, budget, group, stats)
     starts = []
     if config.search_evaluations:
-        measure = dict(tokens=config.search_tokens, rounding=config.joint_rounding,
+        measure = dict(tokens=config.search_tokens, rounding=config.joint_rounding, rotate=config.joint_rotate,
                        calibration_tokens=max(512, config.calibration_tokens or 0))  # fmt: skip
         rivals = uniform_plans(candidates, alphas, priced, tuple(config.joint_bits), budget, fixed_bytes, float_bytes)
         plan, starts = best_measured_start(model, tokenizer, [plan, *rivals], candidates, priced, **measure)
@@ -373,34 +390,20 @@ class SkippedBlock(nn.Module):
 
 
 def _measured_storage(model: nn.Module, tokenizer, bits: int | None, group_size: int, removed: list[int],
-                      rounding: str, calibration_tokens: int):  # fmt: skip
+                      rounding: str, calibration_tokens: int, rotate: bool = False):  # fmt: skip
     """Prepare a measured plan's model: the embedding (and an untied head) rounded to ``bits`` as the packing will
-    round it (GPTQ on the head's inputs for a tied embedding under "gptq", else to nearest) and the ``removed``
-    blocks skipped, after the original's distributions are recorded. Returns the undo."""
-    from .calibration import input_covariances
-    from .quant.apply import QuantizeConfig
-    from .quant.gptq import quantize_aware
-    from .quant.packing import group_dividing
-    from .surgery import name_of
+    round it (GPTQ on the head's inputs for a tied embedding under "gptq", else to nearest; rotated with
+    ``rotate``) and the ``removed`` blocks skipped, after the original's distributions are recorded. Returns the
+    undo."""
+    from .quant.apply import rounded_table
 
     def prepare(replay) -> Callable[[], None]:
         tensors = embedding_tensors(model) if bits is not None else []
         saved = [p.detach().clone() for p in tensors]
-        head = model.get_output_embeddings()
-        tied = head is not None and head.weight is model.get_input_embeddings().weight
-        gram = None
-        if tensors and tied and rounding == "gptq":
-            head_name = name_of(model, head)
-            gram = input_covariances(model, tokenizer, [head_name], tokens=calibration_tokens)[0][head_name]
+        gram = tied_head_gram(model, tokenizer, calibration_tokens) if tensors and rounding == "gptq" else None
         with torch.no_grad():
             for p in tensors:
-                group = group_dividing(p.shape[1], group_size, bits)
-                packed = (
-                    quantize(p, bits, group)
-                    if gram is None
-                    else quantize_aware(p, gram, bits, group, QuantizeConfig.damping)
-                )
-                p.copy_(dequantize(packed))
+                p.copy_(rounded_table(p, bits, group_size, gram, rotate))
         blocks = {i: replay.blocks[i] for i in removed}
         for i, block in blocks.items():
             replay.blocks[i] = SkippedBlock(block)
@@ -427,6 +430,7 @@ def best_measured_start(
     context: int = 512,
     rounding: str = "rtn",
     calibration_tokens: int = 16384,
+    rotate: bool = False,
 ) -> tuple[JointPlan, list[dict]]:
     """Of the knapsack's plan and its single-technique rivals (:func:`uniform_plans`), the one with the least KL
     measured as :func:`refine_joint` measures (so the search never starts below, nor returns, a plan measured
@@ -436,7 +440,7 @@ def best_measured_start(
     starts = []
     for plan in plans:
         search, level, budget = _joint_search(model, tokenizer, plan, candidates, priced[plan.group_size][0],
-                                              tokens, context, rounding, calibration_tokens)  # fmt: skip
+                                              tokens, context, rounding, calibration_tokens, rotate)  # fmt: skip
         kl = search.run(level, budget, 0)[2].kl
         starts.append({"method": plan.plan.method, "group_size": plan.group_size, "embedding_bits": plan.embedding_bits,
                        "predicted_kl": plan.predicted_kl, "predicted_bytes": plan.predicted_bytes, "measured_kl": kl})  # fmt: skip
@@ -446,7 +450,7 @@ def best_measured_start(
 
 def _joint_search(model: nn.Module, tokenizer, joint: JointPlan, candidates: dict[str, MatrixCandidates],
                   options: dict[str, list[Option]], tokens: int, context: int, rounding: str,
-                  calibration_tokens: int):  # fmt: skip
+                  calibration_tokens: int, rotate: bool = False):  # fmt: skip
     """The evolutionary search over ``joint``'s matrices (sizes in bytes, measured as packed on unseen calibration
     text), with the plan's levels on each matrix's ladder and the bytes the matrices may take."""
     from .calibration import unseen_calibration_windows
@@ -462,7 +466,7 @@ def _joint_search(model: nn.Module, tokenizer, joint: JointPlan, candidates: dic
     budget = spent + joint.budget_bytes - joint.predicted_bytes  # the matrices may use the plan's slack too
     windows = unseen_calibration_windows(tokenizer, tokens, min(context, tokens))
     prepare = _measured_storage(model, tokenizer, joint.embedding_bits, joint.group_size, joint.removed_blocks,
-                                rounding, calibration_tokens)  # fmt: skip
+                                rounding, calibration_tokens, rotate)  # fmt: skip
     search = Evolution(model, windows, candidates, ladders, lambda o: o.nbytes, joint.group_size, prepare)
     return search, level, budget
 
@@ -479,6 +483,7 @@ def refine_joint(
     context: int = 512,
     rounding: str = "rtn",
     calibration_tokens: int = 16384,
+    rotate: bool = False,
     seed: int = 0,
     on_eval: Callable[[int, int], None] | None = None,
 ) -> JointPlan:
@@ -492,7 +497,7 @@ def refine_joint(
     began = time.perf_counter()
     names = list(joint.plan.layers)
     search, level, budget = _joint_search(model, tokenizer, joint, candidates, options, tokens, context, rounding,
-                                          calibration_tokens)  # fmt: skip
+                                          calibration_tokens, rotate)  # fmt: skip
     spent = sum(options[n][level[n]].nbytes for n in names)
     level, accepted, start, parent = search.run(level, budget, evaluations, seed=seed, on_eval=on_eval)
     chosen = {n: options[n][level[n]] for n in names}

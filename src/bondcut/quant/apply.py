@@ -7,7 +7,9 @@ statistics of calibration tokens; same packed format; a tied embedding is rounde
 low-rank MPO pairs (sites (m x 1)(1 x n)) are rounded factor by factor, :func:`.gptq.quantize_low_rank_aware`);
 other MPO cores and an untied embedding round to nearest. ``rotate=True`` first turns each dense Linear layer's W into
 W R^T for a random block Hadamard R and rotates its inputs at run time (:mod:`bondcut.quant.rotation`): the same
-function in float, less rounding error. :func:`install_quant_layers` rebuilds the empty packed modules
+function in float, less rounding error. The embedding's rows are rotated so too (a lookup unrotates the rows it
+reads; a tied head rotates its input): on SmolLM2-135M, int4 groups of 64, rounding the tied table alone cost
+KL 0.101 to nearest, 0.048 by GPTQ and 0.022 by GPTQ after rotation (4,096 unseen calibration tokens). :func:`install_quant_layers` rebuilds the empty packed modules
 from them before transformers loads the weights. A tied LM head stays tied: it reads the packed embedding,
 stored once.
 """
@@ -23,8 +25,8 @@ from ..mpo_linear import MPOLinear
 from ..surgery import dense_weight, is_dense_layer, name_of, set_submodule
 from .gptq import is_low_rank_pair, quantize_aware, quantize_low_rank_aware
 from .modules import QUANT_LAYERS, QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
-from .packing import DEFAULT_GROUP, PER_ROW, check_bits, group_dividing, quantize, row_group
-from .rotation import DEFAULT_SEED, rotate, rotate_gram, rotation_block, rotation_signs
+from .packing import DEFAULT_GROUP, PER_ROW, PackedTensor, check_bits, dequantize, group_dividing, quantize, row_group
+from .rotation import DEFAULT_SEED, rotate, rotate_gram, rotation_block, rotation_signs, unrotate
 
 METHODS = ("rtn", "gptq")
 
@@ -44,7 +46,7 @@ class QuantizeConfig:
     method: str = "rtn"  # dense Linear layers: "rtn" (round to nearest) or "gptq" (activation-aware; needs text)
     calibration_tokens: int = 16384  # gptq: tokens of the calibration split whose input statistics guide rounding
     damping: float = 0.1  # gptq: fraction of H's mean diagonal added to it (more = closer to round-to-nearest)
-    rotate: bool = False  # dense Linear layers: pack W R^T and rotate inputs by R (random block Hadamard, .rotation)
+    rotate: bool = False  # pack W R^T (dense Linear layers, the embedding) and rotate inputs by R (.rotation)
 
     def __post_init__(self) -> None:
         check_bits(self.bits, self.group_size, per_row_allowed=True)
@@ -71,19 +73,38 @@ def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _packed_linear(module: nn.Module, config: QuantizeConfig, gram: torch.Tensor | None = None) -> QuantLinear:
-    weight = dense_weight(module)
-    group = row_group(config.group_size, weight.shape[1])
+def _rounded_rows(weight: torch.Tensor, config: QuantizeConfig, group: int, gram: torch.Tensor | None = None
+                  ) -> tuple[PackedTensor, tuple[int, int] | None]:  # fmt: skip
+    """``weight``'s rows packed (GPTQ on ``gram`` when given, else to nearest) and the rotation they hold: with
+    ``config.rotate`` the rows of W R^T, whose inputs R x have Gram matrix R G R^T (None: W itself)."""
     block = rotation_block(weight.shape[1]) if config.rotate else 1
     rotation = None if block == 1 else (block, DEFAULT_SEED)
-    if rotation is not None:  # round W R^T, whose inputs R x have Gram matrix R G R^T
+    if rotation is not None:
         signs = rotation_signs(weight.shape[1], DEFAULT_SEED)
         weight = rotate(weight.detach(), signs, block)
         gram = None if gram is None else rotate_gram(gram, signs, block)
     if gram is None:
-        packed = quantize(weight, config.bits, group)
-    else:
-        packed = quantize_aware(weight, gram, config.bits, group, config.damping)
+        return quantize(weight, config.bits, group), rotation
+    return quantize_aware(weight, gram, config.bits, group, config.damping), rotation
+
+
+def rounded_table(weight: torch.Tensor, bits: int, group_size: int, gram: torch.Tensor | None = None,
+                  rotate: bool = False) -> torch.Tensor:  # fmt: skip
+    """The values a lookup in ``weight`` (an embedding table, rows of width n) reads once it is packed as
+    :func:`quantize_model` packs it: rows in the largest group <= ``group_size`` dividing n, GPTQ on the head's
+    input Gram matrix ``gram`` (a tied table) or to nearest, rotated first with ``rotate``; unrotated again."""
+    method = "rtn" if gram is None else "gptq"
+    config = QuantizeConfig(bits=bits, group_size=group_size, method=method, rotate=rotate)
+    packed, rotation = _rounded_rows(weight, config, group_dividing(weight.shape[1], group_size, bits), gram)
+    values = dequantize(packed).to(weight.dtype)
+    if rotation is None:
+        return values
+    return unrotate(values, rotation_signs(weight.shape[1], rotation[1]).to(values.device), rotation[0])
+
+
+def _packed_linear(module: nn.Module, config: QuantizeConfig, gram: torch.Tensor | None = None) -> QuantLinear:
+    weight = dense_weight(module)
+    packed, rotation = _rounded_rows(weight, config, row_group(config.group_size, weight.shape[1]), gram)
     return QuantLinear(packed, module.bias, weight.dtype, rotation)
 
 
@@ -146,11 +167,8 @@ def quantize_model(
     if config.embeddings and isinstance(embedding, nn.Embedding):
         weight = embedding.weight
         group = group_dividing(weight.shape[1], row_group(config.group_size, weight.shape[1]), config.bits)
-        if tied and head_name in grams:
-            packed = quantize_aware(weight, grams.pop(head_name), config.bits, group, config.damping)
-        else:
-            packed = quantize(weight, config.bits, group)
-        new_embedding = QuantEmbedding(packed, embedding.padding_idx, weight.dtype)
+        packed, rotation = _rounded_rows(weight, config, group, grams.pop(head_name, None) if tied else None)
+        new_embedding = QuantEmbedding(packed, embedding.padding_idx, weight.dtype, rotation)
         scale = getattr(embedding, "embed_scale", None)  # Gemma multiplies embeddings by sqrt(hidden)
         new_embedding.output_scale = float(scale) if scale is not None else 1.0
         swap("embedding", embedding_name, embedding, new_embedding)

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from ..mpo import Sites, contract, cores_to_dense, plan_contraction
 from .kernels import kernel_applies, kernel_linear
 from .packing import PackedTensor, dequantize, dequantize_groups, storage_shapes
-from .rotation import rotate, rotation_signs
+from .rotation import rotate, rotation_signs, unrotate
 
 
 def _register_packed(module: nn.Module, prefix: str, packed: PackedTensor) -> None:
@@ -104,7 +104,45 @@ def _packed(module: nn.Module, prefix: str, shape: tuple[int, ...]) -> PackedTen
     return PackedTensor(get("codes"), get("scale"), get("offset"), shape, module.bits, module.group_size)
 
 
-class QuantLinear(nn.Module):
+def rotation_of(layout: dict) -> tuple[int, int] | None:
+    """A packed layer's (block, seed) rotation as its layout records it; None for an unrotated one."""
+    rotation = layout.get("rotation")
+    return None if rotation is None else (int(rotation["block"]), int(rotation["seed"]))
+
+
+class _RotatedRows:
+    """For a packed layer whose rows hold W R^T (:mod:`bondcut.quant.rotation`): R stored as (block, seed) only,
+    its signs rebuilt from the seed at first use, not at construction (a model built on the meta device to load
+    weights into would otherwise keep empty ones)."""
+
+    rotation: tuple[int, int] | None
+
+    def _set_rotation(self, rotation: tuple[int, int] | None, width: int) -> None:
+        self.rotation = None if rotation is None else (int(rotation[0]), int(rotation[1]))
+        self._rotation_width = width
+        self._signs: torch.Tensor | None = None
+
+    def _rotation_signs(self, device: torch.device) -> torch.Tensor:
+        if self._signs is None or self._signs.device != device:
+            self._signs = rotation_signs(self._rotation_width, self.rotation[1]).to(device)
+        return self._signs
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """R x: what a product with the stored rows W R^T needs to give W x (x itself when unrotated)."""
+        return x if self.rotation is None else rotate(x, self._rotation_signs(x.device), self.rotation[0])
+
+    def unrotate_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stored rows w R^T back to w (an embedding lookup's rows)."""
+        return rows if self.rotation is None else unrotate(rows, self._rotation_signs(rows.device), self.rotation[0])
+
+    def _rotation_layout(self) -> dict:
+        return {} if self.rotation is None else {"rotation": {"block": self.rotation[0], "seed": self.rotation[1]}}
+
+    def _rotation_repr(self) -> str:
+        return "" if self.rotation is None else f", rotation block={self.rotation[0]}"
+
+
+class QuantLinear(_RotatedRows, nn.Module):
     """y = x W^T + b with W (out x in) stored packed; replaces ``nn.Linear`` (and GPT-2 ``Conv1D``)."""
 
     def __init__(
@@ -122,22 +160,13 @@ class QuantLinear(nn.Module):
         self.compute_dtype = compute_dtype
         _register_packed(self, "", packed)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.rotation = None if rotation is None else (int(rotation[0]), int(rotation[1]))
-        self._signs: torch.Tensor | None = None  # R's signs, rebuilt from the seed on first use (nothing saved)
-
-    def _rotation_signs(self, device: torch.device) -> torch.Tensor:
-        """R's signs on ``device``: made at first use, not at construction (a model built on the meta device to
-        load weights into would otherwise keep empty ones)."""
-        if self._signs is None or self._signs.device != device:
-            self._signs = rotation_signs(self.in_features, self.rotation[1]).to(device)
-        return self._signs
+        self._set_rotation(rotation, self.in_features)
 
     @classmethod
     def empty(cls, layout: dict, dtype: torch.dtype, device=None) -> QuantLinear:
         bias = torch.zeros(layout["shape"][0], dtype=dtype, device=device) if layout["bias"] else None
         packed = _empty_packed(tuple(layout["shape"]), layout["bits"], layout["group_size"], device)
-        rotation = layout.get("rotation")
-        return cls(packed, bias, dtype, None if rotation is None else (rotation["block"], rotation["seed"]))
+        return cls(packed, bias, dtype, rotation_of(layout))
 
     @property
     def packed_numel(self) -> int:
@@ -149,8 +178,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.rotation is not None:
-            x = rotate(x, self._rotation_signs(x.device), self.rotation[0])
+        x = self.rotate_input(x)
         if kernel_applies(self, self.in_features, x):
             out = kernel_linear(x, self, (self.out_features, self.in_features))
             return out if bias is None else out + bias
@@ -159,21 +187,24 @@ class QuantLinear(nn.Module):
     def layout(self) -> dict:
         layout = {"kind": "linear", "shape": [self.out_features, self.in_features], "bits": self.bits,
                   "group_size": self.group_size, "bias": self.bias is not None}  # fmt: skip
-        if self.rotation is not None:
-            layout["rotation"] = {"block": self.rotation[0], "seed": self.rotation[1]}
-        return layout
+        return {**layout, **self._rotation_layout()}
 
     def extra_repr(self) -> str:
-        rotated = "" if self.rotation is None else f", rotation block={self.rotation[0]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group={self.group_size}{rotated}")  # fmt: skip
+                f"group={self.group_size}{self._rotation_repr()}")  # fmt: skip
 
 
-class QuantEmbedding(nn.Module):
-    """Token embedding with rows stored packed; a lookup dequantizes only the rows it reads."""
+class QuantEmbedding(_RotatedRows, nn.Module):
+    """Token embedding with rows stored packed; a lookup dequantizes only the rows it reads. With ``rotation``
+    (block, seed) the rows hold e R^T (rounded so, as a rotated Linear's): a lookup unrotates the rows it reads and
+    a tied head rotates its input, so the table is stored once and computes what e does."""
 
     def __init__(
-        self, packed: PackedTensor, padding_idx: int | None = None, compute_dtype: torch.dtype = torch.float32
+        self,
+        packed: PackedTensor,
+        padding_idx: int | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        rotation: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.num_embeddings, self.embedding_dim = packed.shape
@@ -186,11 +217,12 @@ class QuantEmbedding(nn.Module):
         self.compute_dtype = compute_dtype
         self.output_scale = 1.0  # Gemma scales embeddings by sqrt(hidden size)
         _register_packed(self, "", packed)
+        self._set_rotation(rotation, self.embedding_dim)
 
     @classmethod
     def empty(cls, layout: dict, dtype: torch.dtype, device=None) -> QuantEmbedding:
         packed = _empty_packed(tuple(layout["shape"]), layout["bits"], layout["group_size"], device)
-        return cls(packed, layout.get("padding_idx"), dtype)
+        return cls(packed, layout.get("padding_idx"), dtype, rotation_of(layout))
 
     @property
     def packed_numel(self) -> int:
@@ -205,16 +237,18 @@ class QuantEmbedding(nn.Module):
         groups = self.embedding_dim // self.group_size
         scale = self.scale.view(self.num_embeddings, groups)[ids]  # (..., groups)
         offset = self.offset.view(self.num_embeddings, groups)[ids]
-        values = dequantize_groups(rows, scale, offset, self.bits, self.group_size, self.compute_dtype)
+        values = self.unrotate_rows(
+            dequantize_groups(rows, scale, offset, self.bits, self.group_size, self.compute_dtype)
+        )
         return values if self.output_scale == 1.0 else values * self.output_scale
 
     def layout(self) -> dict:
         return {"kind": "embedding", "shape": [self.num_embeddings, self.embedding_dim], "bits": self.bits,
                 "group_size": self.group_size, "padding_idx": self.padding_idx,
-                "output_scale": self.output_scale}  # fmt: skip
+                "output_scale": self.output_scale, **self._rotation_layout()}  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group={self.group_size}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group={self.group_size}{self._rotation_repr()}"
 
 
 class TiedQuantHead(nn.Module):
@@ -228,6 +262,7 @@ class TiedQuantHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         table = self._embedding[0]
         shape = (table.num_embeddings, table.embedding_dim)
+        x = table.rotate_input(x)
         if kernel_applies(table, table.embedding_dim, x):
             return kernel_linear(x, table, shape)
         return F.linear(x, table.weight_values().to(x.dtype))
