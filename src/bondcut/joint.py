@@ -11,7 +11,7 @@ Predicted damage, in nats of KL to the original per token, adds up:
   will round it (GPTQ or to nearest; one product with the whitened inputs), and for MPO cores taken as (number of
   cores) x that of the dense matrix rounded to nearest at the same bits (cores are rounded to nearest; each core's
   rounding adds a relative error of about the same size);
-- the embedding's precision: its KL measured directly on calibration tokens;
+- the embedding's precision: its KL measured directly on the unseen calibration tokens the search measures on;
 - deleting k blocks: the KL measured when the greedy LayerChop order removes them (:func:`choose_blocks`).
 Rounding damage (packing errors and the embedding's KL) is weighted by ``rounding_weight`` against truncation's:
 1 predicts the KL of the model as packed; a model healed afterwards keeps less of its rounding damage
@@ -153,14 +153,27 @@ def priced_options(
     return frontier
 
 
+@dataclass(frozen=True)
+class EmbeddingRounding:
+    """How packing will round the embedding (and an untied head), so that pricing and every measurement round it
+    alike: GPTQ on ``gram``, the tied head's input Gram matrix (None: to nearest), rows rotated with ``rotate``
+    (:func:`bondcut.quant.apply.rounded_table`). Computed once per search: the Gram matrix costs a calibration pass."""
+
+    gram: torch.Tensor | None = None
+    rotate: bool = False
+
+    def table(self, weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+        """``weight`` as a lookup will read it once packed at ``bits``."""
+        from .quant.apply import rounded_table
+
+        return rounded_table(weight, bits, group_size, self.gram, self.rotate)
+
+
 @torch.no_grad()
 def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...], group_size: int,
-                  gram: torch.Tensor | None = None, rotate: bool = False) -> dict[int, float]:  # fmt: skip
+                  rounding: EmbeddingRounding = EmbeddingRounding()) -> dict[int, float]:  # fmt: skip
     """KL to the original per token when the embedding (and an untied head) is rounded to each bit width as
-    packing will round it (:func:`bondcut.quant.apply.rounded_table`: GPTQ on ``gram``, the tied head's input
-    statistics, when given; rotated with ``rotate``)."""
-    from .quant.apply import rounded_table
-
+    packing will round it (``rounding``)."""
     tensors = {id(p): p for p in embedding_tensors(model)}
 
     def logprobs() -> torch.Tensor:
@@ -171,7 +184,7 @@ def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...]
     for b in bits:
         saved = {k: p.detach().clone() for k, p in tensors.items()}
         for p in tensors.values():
-            p.copy_(rounded_table(p, b, group_size, gram, rotate))
+            p.copy_(rounding.table(p, b, group_size))
         try:
             out[b] = float((reference.exp() * (reference - logprobs())).sum(-1).mean())
         finally:
@@ -316,14 +329,15 @@ def allocate_joint(
     carry their packing errors (``build_candidates(..., packing_bits=config.joint_bits,
     packing_rounding=config.joint_rounding)``)."""
     from .allocate import sensitivities
-    from .calibration import calibration_windows
+    from .calibration import unseen_calibration_windows
     from .layerchop import choose_blocks
     from .replay import block_list
 
     names = list(candidates)
     alphas, source = sensitivities(model, tokenizer, candidates, config, on_progress)
     float_bytes = next(model.parameters()).element_size()
-    windows = calibration_windows(tokenizer, config.search_tokens, min(512, config.search_tokens))
+    # priced on the text the search measures on: the head's GPTQ statistics have not seen it
+    windows = unseen_calibration_windows(tokenizer, config.search_tokens, min(512, config.search_tokens))
     emb_tensors = embedding_tensors(model)
     blocks, index = block_list(model, names)
     block_of = {n: int(index.match(n).group(1)) for n in names}
@@ -340,9 +354,10 @@ def allocate_joint(
     best, by_group, priced, weight = None, {}, {}, config.rounding_weight
     gptq = config.joint_rounding == "gptq"
     head_gram = tied_head_gram(model, tokenizer, max(512, config.calibration_tokens or 0)) if gptq else None
+    rounding = EmbeddingRounding(head_gram, config.joint_rotate)
     for group in config.joint_group_sizes:
         options = {n: priced_options(c, float_bytes, group, weight) for n, c in candidates.items()}
-        kls = embedding_kls(model, windows, tuple(config.joint_bits), group, head_gram, config.joint_rotate)
+        kls = embedding_kls(model, windows, tuple(config.joint_bits), group, rounding)
         embedding = _embedding_prices(emb_tensors, float_bytes, group, {b: weight * kl for b, kl in kls.items()})
         priced[group] = (options, embedding)
         try:
@@ -360,8 +375,7 @@ def allocate_joint(
     plan = joint_plan(candidates, alphas, chosen, gone, bits, budget, group, stats)
     starts = []
     if config.search_evaluations:
-        measure = dict(tokens=config.search_tokens, rounding=config.joint_rounding, rotate=config.joint_rotate,
-                       calibration_tokens=max(512, config.calibration_tokens or 0))  # fmt: skip
+        measure = dict(tokens=config.search_tokens, rounding=rounding)
         rivals = uniform_plans(candidates, alphas, priced, tuple(config.joint_bits), budget, fixed_bytes, float_bytes)
         plan, starts = best_measured_start(model, tokenizer, [plan, *rivals], candidates, priced, **measure)
         on_eval = None if on_progress is None else lambda i, n: on_progress("search", i, n)
@@ -389,21 +403,18 @@ class SkippedBlock(nn.Module):
         return hidden_states
 
 
-def _measured_storage(model: nn.Module, tokenizer, bits: int | None, group_size: int, removed: list[int],
-                      rounding: str, calibration_tokens: int, rotate: bool = False):  # fmt: skip
+def _measured_storage(model: nn.Module, bits: int | None, group_size: int, removed: list[int],
+                      rounding: EmbeddingRounding):  # fmt: skip
     """Prepare a measured plan's model: the embedding (and an untied head) rounded to ``bits`` as the packing will
-    round it (GPTQ on the head's inputs for a tied embedding under "gptq", else to nearest; rotated with
-    ``rotate``) and the ``removed`` blocks skipped, after the original's distributions are recorded. Returns the
-    undo."""
-    from .quant.apply import rounded_table
+    round it (``rounding``) and the ``removed`` blocks skipped, after the original's distributions are recorded.
+    Returns the undo."""
 
     def prepare(replay) -> Callable[[], None]:
         tensors = embedding_tensors(model) if bits is not None else []
         saved = [p.detach().clone() for p in tensors]
-        gram = tied_head_gram(model, tokenizer, calibration_tokens) if tensors and rounding == "gptq" else None
         with torch.no_grad():
             for p in tensors:
-                p.copy_(rounded_table(p, bits, group_size, gram, rotate))
+                p.copy_(rounding.table(p, bits, group_size))
         blocks = {i: replay.blocks[i] for i in removed}
         for i, block in blocks.items():
             replay.blocks[i] = SkippedBlock(block)
@@ -428,9 +439,7 @@ def best_measured_start(
     priced: dict[int, tuple[dict[str, list[Option]], dict]],
     tokens: int = 1024,
     context: int = 512,
-    rounding: str = "rtn",
-    calibration_tokens: int = 16384,
-    rotate: bool = False,
+    rounding: EmbeddingRounding = EmbeddingRounding(),
 ) -> tuple[JointPlan, list[dict]]:
     """Of the knapsack's plan and its single-technique rivals (:func:`uniform_plans`), the one with the least KL
     measured as :func:`refine_joint` measures (so the search never starts below, nor returns, a plan measured
@@ -440,7 +449,7 @@ def best_measured_start(
     starts = []
     for plan in plans:
         search, level, budget = _joint_search(model, tokenizer, plan, candidates, priced[plan.group_size][0],
-                                              tokens, context, rounding, calibration_tokens, rotate)  # fmt: skip
+                                              tokens, context, rounding)  # fmt: skip
         kl = search.run(level, budget, 0)[2].kl
         starts.append({"method": plan.plan.method, "group_size": plan.group_size, "embedding_bits": plan.embedding_bits,
                        "predicted_kl": plan.predicted_kl, "predicted_bytes": plan.predicted_bytes, "measured_kl": kl})  # fmt: skip
@@ -449,8 +458,8 @@ def best_measured_start(
 
 
 def _joint_search(model: nn.Module, tokenizer, joint: JointPlan, candidates: dict[str, MatrixCandidates],
-                  options: dict[str, list[Option]], tokens: int, context: int, rounding: str,
-                  calibration_tokens: int, rotate: bool = False):  # fmt: skip
+                  options: dict[str, list[Option]], tokens: int, context: int,
+                  rounding: EmbeddingRounding):  # fmt: skip
     """The evolutionary search over ``joint``'s matrices (sizes in bytes, measured as packed on unseen calibration
     text), with the plan's levels on each matrix's ladder and the bytes the matrices may take."""
     from .calibration import unseen_calibration_windows
@@ -465,8 +474,7 @@ def _joint_search(model: nn.Module, tokenizer, joint: JointPlan, candidates: dic
     spent = sum(ladders[n][level[n]].nbytes for n in names)
     budget = spent + joint.budget_bytes - joint.predicted_bytes  # the matrices may use the plan's slack too
     windows = unseen_calibration_windows(tokenizer, tokens, min(context, tokens))
-    prepare = _measured_storage(model, tokenizer, joint.embedding_bits, joint.group_size, joint.removed_blocks,
-                                rounding, calibration_tokens, rotate)  # fmt: skip
+    prepare = _measured_storage(model, joint.embedding_bits, joint.group_size, joint.removed_blocks, rounding)
     search = Evolution(model, windows, candidates, ladders, lambda o: o.nbytes, joint.group_size, prepare)
     return search, level, budget
 
@@ -481,23 +489,20 @@ def refine_joint(
     evaluations: int,
     tokens: int = 1024,
     context: int = 512,
-    rounding: str = "rtn",
-    calibration_tokens: int = 16384,
-    rotate: bool = False,
+    rounding: EmbeddingRounding = EmbeddingRounding(),
     seed: int = 0,
     on_eval: Callable[[int, int], None] | None = None,
 ) -> JointPlan:
     """The knapsack's plan refined on real evaluations (:class:`bondcut.search.Evolution`, sizes in bytes): each
     matrix moves along its priced options (``options``, every precision) while the bytes of the matrices stay
     within what the plan may spend on them; the embedding's precision and the deleted blocks stay as planned and
-    take part in every measurement; dense matrices and the embedding are measured as their packing (``rounding``,
-    GPTQ on ``calibration_tokens``) stores them, MPO cores rounded to nearest, on calibration text the statistics
+    take part in every measurement; dense matrices and the embedding are measured as their packing stores them (the
+    embedding as ``rounding`` rounds it), MPO cores rounded to nearest, on calibration text the statistics
     behind those choices have not seen (measured on the text they were fitted to, fitted options look better than
     they are on other text). The result's measured KL to the original is at most the knapsack plan's."""
     began = time.perf_counter()
     names = list(joint.plan.layers)
-    search, level, budget = _joint_search(model, tokenizer, joint, candidates, options, tokens, context, rounding,
-                                          calibration_tokens, rotate)  # fmt: skip
+    search, level, budget = _joint_search(model, tokenizer, joint, candidates, options, tokens, context, rounding)
     spent = sum(options[n][level[n]].nbytes for n in names)
     level, accepted, start, parent = search.run(level, budget, evaluations, seed=seed, on_eval=on_eval)
     chosen = {n: options[n][level[n]] for n in names}
