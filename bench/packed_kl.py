@@ -1,0 +1,60 @@
+"""KL to the original per token of saved (packed, compressed) models, on unseen calibration text and held-out text.
+
+Perplexity scores a model against the text; the joint search minimizes KL to the original. This measures the
+second on the models a search produced, to check what the search measured (its 1,024 tokens) against more text,
+with a standard error over 512-token windows (not paired between models). Writes JSON.
+
+    python bench/packed_kl.py Q4RE JGEP --out bench/results/issue7/packed_kl.json
+"""
+
+from __future__ import annotations
+
+import torch
+from _common import base_parser, write_json
+
+import bondcut
+from bondcut.calibration import calibration_windows, unseen_calibration_windows
+from bondcut.corpus import split_text
+
+
+@torch.no_grad()
+def logprobs(model: torch.nn.Module, windows: torch.Tensor, batch: int = 2) -> torch.Tensor:
+    """Next-token log-probabilities per window and position, batch by batch (memory stays flat)."""
+    return torch.cat([torch.log_softmax(model(windows[i : i + batch], use_cache=False).logits[:, :-1].float(), -1)
+                      for i in range(0, len(windows), batch)])  # fmt: skip
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0], "issue7/packed_kl.json")
+    parser.add_argument("models", nargs="+", help="saved model directories to compare with --model")
+    parser.add_argument("--tokens", default="1024,8192", help="unseen calibration token counts (default 1024,8192)")
+    parser.add_argument("--heldout-tokens", type=int, default=8192)
+    parser.add_argument("--genres", default="a", help="held-out genres (default a: press, as bondcut eval)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    original, tokenizer = bondcut.load(args.model)
+    texts = {
+        f"unseen_calibration_{n}": unseen_calibration_windows(tokenizer, int(n), 512) for n in args.tokens.split(",")
+    }
+    texts[f"heldout_{args.heldout_tokens}"] = calibration_windows(tokenizer, args.heldout_tokens, 512,
+                                                                 split_text("heldout", genres=args.genres))  # fmt: skip
+    references = {name: logprobs(original.eval(), windows) for name, windows in texts.items()}
+    results = {}
+    for path in args.models:
+        model, _ = bondcut.load(path)
+        results[path] = {}
+        for name, windows in texts.items():
+            ref = references[name]
+            per_position = (ref.exp() * (ref - logprobs(model.eval(), windows))).sum(-1)
+            per_window = per_position.mean(-1)
+            results[path][name] = {
+                "kl": float(per_position.mean()),
+                "se": float(per_window.std() / len(per_window) ** 0.5),
+            }
+        print(path, results[path], flush=True)
+        del model
+    write_json(args.out, {"what": __doc__.splitlines()[0], "original": args.model, "results": results})
+
+
+if __name__ == "__main__":
+    main()
