@@ -17,6 +17,7 @@ from _common import base_parser, write_json
 from torch import nn
 
 from bondcut.calibration import unseen_calibration_windows
+from bondcut.divergence import kl_per_position, next_token_logprobs
 from bondcut.joint import tied_head_gram
 from bondcut.models import load_model
 from bondcut.quant.apply import rounded_table
@@ -32,18 +33,13 @@ class TableSwap:
     def __init__(self, model: nn.Module, windows: torch.Tensor):
         self.model, self.windows = model, windows
         self.table = model.get_input_embeddings().weight.detach().clone()
-        self.reference = self.logprobs()
-
-    @torch.no_grad()
-    def logprobs(self) -> torch.Tensor:
-        return torch.log_softmax(self.model(self.windows, use_cache=False).logits[:, :-1].float(), -1)
+        self.reference = next_token_logprobs(model, windows)
 
     def kl(self, lookup: torch.Tensor, head: torch.Tensor) -> float:
         embedding, lm_head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         embedding.weight, lm_head.weight = nn.Parameter(lookup.clone()), nn.Parameter(head.clone())
         try:
-            out = self.logprobs()
-            return float((self.reference.exp() * (self.reference - out)).sum(-1).mean())
+            return float(kl_per_position(self.reference, next_token_logprobs(self.model, self.windows)).mean())
         finally:
             embedding.weight = nn.Parameter(self.table.clone())
             lm_head.weight = embedding.weight

@@ -2,7 +2,8 @@
 
 Perplexity scores a model against the text; the joint search minimizes KL to the original. This measures the
 second on the models a search produced, to check what the search measured (its 1,024 tokens) against more text,
-with a standard error over 512-token windows (not paired between models). Writes JSON.
+with a standard error over 512-token windows, and each later model's paired difference to the first (same
+windows: the test between two models). Writes JSON.
 
     python bench/packed_kl.py Q4RE JGEP --out bench/results/issue7/packed_kl.json
 """
@@ -15,13 +16,7 @@ from _common import base_parser, write_json
 import bondcut
 from bondcut.calibration import calibration_windows, unseen_calibration_windows
 from bondcut.corpus import split_text
-
-
-@torch.no_grad()
-def logprobs(model: torch.nn.Module, windows: torch.Tensor, batch: int = 2) -> torch.Tensor:
-    """Next-token log-probabilities per window and position, batch by batch (memory stays flat)."""
-    return torch.cat([torch.log_softmax(model(windows[i : i + batch], use_cache=False).logits[:, :-1].float(), -1)
-                      for i in range(0, len(windows), batch)])  # fmt: skip
+from bondcut.divergence import kl_per_position, next_token_logprobs, paired_difference
 
 
 def main() -> None:
@@ -38,19 +33,22 @@ def main() -> None:
     }
     texts[f"heldout_{args.heldout_tokens}"] = calibration_windows(tokenizer, args.heldout_tokens, 512,
                                                                  split_text("heldout", genres=args.genres))  # fmt: skip
-    references = {name: logprobs(original.eval(), windows) for name, windows in texts.items()}
-    results = {}
+    references = {name: next_token_logprobs(original.eval(), windows, 2) for name, windows in texts.items()}
+    results, first = {}, {}
     for path in args.models:
         model, _ = bondcut.load(path)
         results[path] = {}
         for name, windows in texts.items():
             ref = references[name]
-            per_position = (ref.exp() * (ref - logprobs(model.eval(), windows))).sum(-1)
+            per_position = kl_per_position(ref, next_token_logprobs(model.eval(), windows, 2))
             per_window = per_position.mean(-1)
-            results[path][name] = {
-                "kl": float(per_position.mean()),
-                "se": float(per_window.std() / len(per_window) ** 0.5),
-            }
+            row = {"kl": float(per_position.mean()), "se": float(per_window.std() / len(per_window) ** 0.5)}
+            if name in first:
+                mean, se = paired_difference(first[name], per_window)
+                row[f"minus_{args.models[0]}"] = {"mean": mean, "se": se}
+            else:
+                first[name] = per_window
+            results[path][name] = row
         print(path, results[path], flush=True)
         del model
     write_json(args.out, {"what": __doc__.splitlines()[0], "original": args.model, "results": results})

@@ -37,6 +37,7 @@ from torch import nn
 
 from .allocate import LayerChoice, Plan, choice_of
 from .candidates import MatrixCandidates, Option
+from .divergence import kl_per_position, next_token_logprobs
 from .knapsack import solve_knapsack
 
 EMBEDDING = "<embedding>"  # the knapsack item of the token embedding (and the LM head)
@@ -171,22 +172,21 @@ class EmbeddingRounding:
 
 @torch.no_grad()
 def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...], group_size: int,
-                  rounding: EmbeddingRounding = EmbeddingRounding()) -> dict[int, float]:  # fmt: skip
+                  rounding: EmbeddingRounding = EmbeddingRounding(),
+                  reference: torch.Tensor | None = None) -> dict[int, float]:  # fmt: skip
     """KL to the original per token when the embedding (and an untied head) is rounded to each bit width as
-    packing will round it (``rounding``)."""
+    packing will round it (``rounding``); ``reference`` is the original's :func:`next_token_logprobs` on
+    ``windows`` (None: computed here; pass it when pricing several group sizes)."""
     tensors = {id(p): p for p in embedding_tensors(model)}
-
-    def logprobs() -> torch.Tensor:
-        return torch.log_softmax(model(windows, use_cache=False).logits[:, :-1].float(), -1)
-
-    reference = logprobs()
+    if reference is None:
+        reference = next_token_logprobs(model, windows)
     out = {}
     for b in bits:
         saved = {k: p.detach().clone() for k, p in tensors.items()}
         for p in tensors.values():
             p.copy_(rounding.table(p, b, group_size))
         try:
-            out[b] = float((reference.exp() * (reference - logprobs())).sum(-1).mean())
+            out[b] = float(kl_per_position(reference, next_token_logprobs(model, windows)).mean())
         finally:
             for k, p in tensors.items():
                 p.copy_(saved[k])
@@ -355,9 +355,10 @@ def allocate_joint(
     gptq = config.joint_rounding == "gptq"
     head_gram = tied_head_gram(model, tokenizer, max(512, config.calibration_tokens or 0)) if gptq else None
     rounding = EmbeddingRounding(head_gram, config.joint_rotate)
+    reference = next_token_logprobs(model, windows)
     for group in config.joint_group_sizes:
         options = {n: priced_options(c, float_bytes, group, weight) for n, c in candidates.items()}
-        kls = embedding_kls(model, windows, tuple(config.joint_bits), group, rounding)
+        kls = embedding_kls(model, windows, tuple(config.joint_bits), group, rounding, reference)
         embedding = _embedding_prices(emb_tensors, float_bytes, group, {b: weight * kl for b, kl in kls.items()})
         priced[group] = (options, embedding)
         try:

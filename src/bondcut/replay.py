@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .divergence import kl_per_position
+
 
 @dataclass(frozen=True)
 class Score:
@@ -119,5 +121,5 @@ class BlockReplay:
                     self.reference.append(logp)
                 elif self.reference:
                     ref = self.reference[self.window]
-                    kl += float((ref.exp() * (ref - logp)).sum(-1).mean())
+                    kl += float(kl_per_position(ref, logp).mean())
         return Score(loss / len(self.windows), kl / len(self.windows))

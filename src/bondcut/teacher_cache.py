@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import cache_dir
+from .divergence import kl_per_position
 
 
 def teacher_fingerprint(model: nn.Module) -> str:
@@ -99,5 +100,4 @@ def sparse_distillation_loss(
     t = temperature
     student = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, top_indices)
     teacher = F.log_softmax(top_values.float() / t, dim=-1)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)
-    return t * t * kl.mean()
+    return t * t * kl_per_position(teacher, student).mean()
