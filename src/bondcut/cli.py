@@ -699,6 +699,13 @@ def quantize_command(
             "error, most at 3-4 bits; one small product per input at run time)"
         ),
     ] = False,  # fmt: skip
+    embedding_tiers: Annotated[
+        str | None,
+        typer.Option(
+            help="pack the embedding's rows at several widths, the most used (on the train split) finest: "
+            "bits:share, most used first, e.g. 8:0.1,4:0.4,3:0.5 (default: every row at --bits)"
+        ),
+    ] = None,  # fmt: skip
     pending: Annotated[
         bool,
         typer.Option(
@@ -717,7 +724,8 @@ def quantize_command(
         _fail(f"{out} already exists; pass --overwrite or choose another --out")
     try:
         config = QuantizeConfig(bits=bits, group_size=group_size, cores=cores, embeddings=embeddings, method=method,
-                                calibration_tokens=calibration_tokens, rotate=rotate)  # fmt: skip
+                                calibration_tokens=calibration_tokens, rotate=rotate,
+                                embedding_tiers=embedding_tiers)  # fmt: skip
     except ValueError as err:
         _fail(str(err))
     source = _resolve(model)
@@ -726,7 +734,8 @@ def quantize_command(
         _pack_pending(net, tokenizer, calibration_tokens, model, source, out, overwrite)
         return
     gptq_note = " (gptq: calibration statistics first)" if method == "gptq" else ""
-    with console.status(f"packing to {bits} bits{gptq_note}"):
+    tiers_note = f", the embedding's rows in tiers {embedding_tiers}" if embedding_tiers else ""
+    with console.status(f"packing to {bits} bits{gptq_note}{tiers_note}"):
         report = quantize_model(net, config, tokenizer=tokenizer)
     with console.status(f"saving to {out}"):
         bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite)
@@ -737,6 +746,8 @@ def quantize_command(
         after = report.bytes_after[kind]
         table.add_row(kind, f"{before / 1e6:.1f}", f"{after / 1e6:.1f}", f"{after / before:.3f}")
     console.print(table)
+    if embedding_tiers:
+        console.print(f"embedding rows in tiers (bits:share, most used first): {embedding_tiers}")
     _say_file_sizes(source, out)
 
 

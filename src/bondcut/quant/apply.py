@@ -16,7 +16,7 @@ stored once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -24,9 +24,18 @@ from torch import nn
 from ..mpo_linear import MPOLinear
 from ..surgery import dense_weight, is_dense_layer, name_of, set_submodule
 from .gptq import is_low_rank_pair, quantize_aware, quantize_low_rank_aware
-from .modules import QUANT_LAYERS, QuantEmbedding, QuantLinear, QuantMPOLinear, TiedQuantHead
+from .modules import (
+    EMBEDDING_KINDS,
+    QUANT_LAYERS,
+    QuantEmbedding,
+    QuantLinear,
+    QuantMPOLinear,
+    TiedQuantHead,
+    TieredQuantEmbedding,
+)
 from .packing import DEFAULT_GROUP, PER_ROW, PackedTensor, check_bits, dequantize, group_dividing, quantize, row_group
 from .rotation import DEFAULT_SEED, rotate, rotate_gram, rotation_block, rotation_signs, unrotate
+from .tiers import RowTiers, corpus_usage
 
 METHODS = ("rtn", "gptq")
 
@@ -47,9 +56,13 @@ class QuantizeConfig:
     calibration_tokens: int = 16384  # gptq: tokens of the calibration split whose input statistics guide rounding
     damping: float = 0.1  # gptq: fraction of H's mean diagonal added to it (more = closer to round-to-nearest)
     rotate: bool = False  # pack W R^T (dense Linear layers, the embedding) and rotate inputs by R (.rotation)
+    embedding_tiers: str | None = None  # the embedding's rows at several widths, e.g. "8:0.1,4:0.9" (.tiers)
 
     def __post_init__(self) -> None:
         check_bits(self.bits, self.group_size, per_row_allowed=True)
+        if self.embedding_tiers is not None:
+            for bits in RowTiers.parse(self.embedding_tiers).widths:
+                check_bits(bits, self.group_size, per_row_allowed=True)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}; example: --method gptq")
         if self.method == "gptq" and self.calibration_tokens < 512:
@@ -128,13 +141,43 @@ def gram_matrices(model: nn.Module, tokenizer, config: QuantizeConfig) -> dict[s
     return input_covariances(model, tokenizer, names, tokens=config.calibration_tokens)[0] if names else {}
 
 
+def _packed_embedding(embedding: nn.Embedding, config: QuantizeConfig, gram: torch.Tensor | None) -> QuantEmbedding:
+    weight = embedding.weight
+    group = group_dividing(weight.shape[1], row_group(config.group_size, weight.shape[1]), config.bits)
+    packed, rotation = _rounded_rows(weight, config, group, gram)
+    return QuantEmbedding(packed, embedding.padding_idx, weight.dtype, rotation)
+
+
+def _tiered_embedding(embedding: nn.Embedding, config: QuantizeConfig, gram: torch.Tensor | None,
+                      usage: torch.Tensor) -> TieredQuantEmbedding:  # fmt: skip
+    """The table packed in ``config.embedding_tiers``, its rows ranked by ``usage``; each tier's rows rounded as a
+    whole table at that width would round them (GPTQ rounds rows independently)."""
+    weight = embedding.weight
+    tiers = RowTiers.parse(config.embedding_tiers)
+    row_tier = tiers.assign(usage)
+    parts, rotation = [], None
+    for t, bits in enumerate(tiers.widths):
+        rows = (row_tier == t).nonzero().squeeze(1)
+        width_config = replace(config, bits=bits, embedding_tiers=None)
+        group = group_dividing(weight.shape[1], row_group(config.group_size, weight.shape[1]), bits)
+        packed, rotation = _rounded_rows(weight[rows], width_config, group, gram)
+        parts.append(packed)
+    return TieredQuantEmbedding(parts, row_tier, embedding.padding_idx, weight.dtype, rotation)
+
+
 def quantize_model(
-    model: nn.Module, config: QuantizeConfig, tokenizer=None, grams: dict[str, torch.Tensor] | None = None
+    model: nn.Module,
+    config: QuantizeConfig,
+    tokenizer=None,
+    grams: dict[str, torch.Tensor] | None = None,
+    usage: torch.Tensor | None = None,
 ) -> QuantizeReport:
     """Replace embeddings, LM head, dense Linear layers (and, with ``config.cores``, MPO layers) by packed ones.
 
     ``method="gptq"`` needs the ``tokenizer`` (its calibration text), or ``grams`` from :func:`gram_matrices`
-    collected beforehand (several calls then share one calibration pass; each uses up the entries it packs)."""
+    collected beforehand (several calls then share one calibration pass; each uses up the entries it packs).
+    ``config.embedding_tiers`` ranks the embedding's rows by ``usage`` (:func:`bondcut.quant.tiers.row_usage`;
+    None: counted here on the corpus, :func:`bondcut.quant.tiers.corpus_usage`)."""
     report = QuantizeReport()
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -165,10 +208,17 @@ def quantize_model(
             swap("mpo_cores", name, module, QuantMPOLinear.from_layer(module, packed))
 
     if config.embeddings and isinstance(embedding, nn.Embedding):
-        weight = embedding.weight
-        group = group_dividing(weight.shape[1], row_group(config.group_size, weight.shape[1]), config.bits)
-        packed, rotation = _rounded_rows(weight, config, group, grams.pop(head_name, None) if tied else None)
-        new_embedding = QuantEmbedding(packed, embedding.padding_idx, weight.dtype, rotation)
+        gram = grams.pop(head_name, None) if tied else None
+        tiers = None if config.embedding_tiers is None else RowTiers.parse(config.embedding_tiers)
+        if tiers is None or len(tiers.tiers) == 1:
+            width = config.bits if tiers is None else tiers.widths[0]
+            new_embedding = _packed_embedding(embedding, replace(config, bits=width), gram)
+        else:
+            if usage is None and tokenizer is None:
+                raise ValueError("embedding_tiers ranks rows by their use on calibration text: pass the tokenizer "
+                                 "(quantize_model(model, config, tokenizer=tok)) or usage")  # fmt: skip
+            usage = corpus_usage(model, tokenizer) if usage is None else usage
+            new_embedding = _tiered_embedding(embedding, config, gram, usage)
         scale = getattr(embedding, "embed_scale", None)  # Gemma multiplies embeddings by sqrt(hidden)
         new_embedding.output_scale = float(scale) if scale is not None else 1.0
         swap("embedding", embedding_name, embedding, new_embedding)
@@ -203,7 +253,7 @@ def _untie(model: nn.Module) -> None:
 def install_quant_layers(model: nn.Module, layouts: dict[str, dict]) -> None:
     """Swap each named module for an empty packed layer of the recorded layout, before weights load."""
     dtype = next(model.parameters()).dtype
-    embeddings: dict[str, QuantEmbedding] = {}
+    embeddings: dict[str, QuantEmbedding | TieredQuantEmbedding] = {}
     for name, layout in sorted(layouts.items(), key=lambda item: item[1]["kind"] == "tied_head"):
         try:
             model.get_submodule(name)
@@ -213,7 +263,7 @@ def install_quant_layers(model: nn.Module, layouts: dict[str, dict]) -> None:
             new = TiedQuantHead(embeddings[layout["embedding"]], layout["embedding"])
         elif layout["kind"] in QUANT_LAYERS:
             new = QUANT_LAYERS[layout["kind"]].empty(layout, dtype)
-            if layout["kind"] == "embedding":
+            if layout["kind"] in EMBEDDING_KINDS:
                 new.output_scale = float(layout.get("output_scale", 1.0))
                 embeddings[name] = new
         else:

@@ -61,21 +61,25 @@ def kernel_available(bits: int) -> bool:
     return bits == 8 and hasattr(ops, "_weight_int8pack_mm")
 
 
-def kernel_fits(bits: int, group_size: int, in_features: int) -> bool:
-    """Whether a packed (out x in_features) weight of this kind has a CPU kernel (whatever the input)."""
+INT4_ROWS = 16  # the int4 kernel's weight layout takes output rows in multiples of this
+
+
+def kernel_fits(bits: int, group_size: int, in_features: int, out_features: int = INT4_ROWS) -> bool:
+    """Whether a packed (out_features x in_features) weight of this kind has a CPU kernel (whatever the input)."""
     if bits == 4:
-        return group_size in INT4_GROUPS and in_features % group_size == 0 and kernel_available(4)
+        fits = group_size in INT4_GROUPS and in_features % group_size == 0 and out_features % INT4_ROWS == 0
+        return fits and kernel_available(4)
     return bits == 8 and group_size == in_features and kernel_available(8)
 
 
-def kernel_applies(module: nn.Module, in_features: int, x: torch.Tensor) -> bool:
-    """Whether a forward with input ``x`` through ``module``'s packed weight may take a kernel: not where a
+def kernel_applies(module: nn.Module, shape: tuple[int, int], x: torch.Tensor) -> bool:
+    """Whether a forward with input ``x`` through ``module``'s packed (out x in) weight may take a kernel: not where a
     gradient must flow through the input, nor while the module's scales train (healing with train='scales'
     parametrizes them; the kernel would neither follow nor differentiate them)."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if not _ENABLED["packed"] or needs_grad or x.device.type != "cpu" or parametrize.is_parametrized(module):
         return False
-    return kernel_fits(module.bits, module.group_size, in_features)
+    return kernel_fits(module.bits, module.group_size, shape[1], shape[0])
 
 
 def kernel_weight(module: nn.Module, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

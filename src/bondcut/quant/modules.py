@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from ..mpo import Sites, contract, cores_to_dense, plan_contraction
 from .kernels import kernel_applies, kernel_linear
+from .memo import VersionMemo
 from .packing import PackedTensor, dequantize, dequantize_groups, storage_shapes
 from .rotation import rotate, rotation_signs, unrotate
 
@@ -104,6 +105,24 @@ def _packed(module: nn.Module, prefix: str, shape: tuple[int, ...]) -> PackedTen
     return PackedTensor(get("codes"), get("scale"), get("offset"), shape, module.bits, module.group_size)
 
 
+def dequantized_rows(module: nn.Module, shape: tuple[int, int], index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``module``'s packed (rows x width) table, dequantized alone (groups never straddle rows)."""
+    rows, width = shape
+    codes = module.codes.view(rows, -1)[index]  # (..., bytes per row)
+    groups = width // module.group_size
+    scale = module.scale.view(rows, groups)[index]  # (..., groups)
+    offset = module.offset.view(rows, groups)[index]
+    return dequantize_groups(codes, scale, offset, module.bits, module.group_size, module.compute_dtype)
+
+
+def packed_product(module: nn.Module, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """x @ W^T for ``module``'s packed (out x in) weight: through the CPU kernel where it applies, else by
+    dequantizing W for this call."""
+    if kernel_applies(module, shape, x):
+        return kernel_linear(x, module, shape)
+    return F.linear(x, module.weight_values().to(x.dtype))
+
+
 def rotation_of(layout: dict) -> tuple[int, int] | None:
     """A packed layer's (block, seed) rotation as its layout records it; None for an unrotated one."""
     rotation = layout.get("rotation")
@@ -178,11 +197,8 @@ class QuantLinear(_RotatedRows, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        x = self.rotate_input(x)
-        if kernel_applies(self, self.in_features, x):
-            out = kernel_linear(x, self, (self.out_features, self.in_features))
-            return out if bias is None else out + bias
-        return F.linear(x, self.weight_values().to(x.dtype), bias)
+        out = packed_product(self, self.rotate_input(x), (self.out_features, self.in_features))
+        return out if bias is None else out + bias
 
     def layout(self) -> dict:
         layout = {"kind": "linear", "shape": [self.out_features, self.in_features], "bits": self.bits,
@@ -233,14 +249,12 @@ class QuantEmbedding(_RotatedRows, nn.Module):
         return dequantize(_packed(self, "", (self.num_embeddings, self.embedding_dim)), self.compute_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.codes.view(self.num_embeddings, -1)[ids]  # (..., bytes per row)
-        groups = self.embedding_dim // self.group_size
-        scale = self.scale.view(self.num_embeddings, groups)[ids]  # (..., groups)
-        offset = self.offset.view(self.num_embeddings, groups)[ids]
-        values = self.unrotate_rows(
-            dequantize_groups(rows, scale, offset, self.bits, self.group_size, self.compute_dtype)
-        )
+        values = self.unrotate_rows(dequantized_rows(self, (self.num_embeddings, self.embedding_dim), ids))
         return values if self.output_scale == 1.0 else values * self.output_scale
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ table^T for inputs already rotated (:meth:`rotate_input`): a tied head's logits."""
+        return packed_product(self, x, (self.num_embeddings, self.embedding_dim))
 
     def layout(self) -> dict:
         return {"kind": "embedding", "shape": [self.num_embeddings, self.embedding_dim], "bits": self.bits,
@@ -254,18 +268,14 @@ class QuantEmbedding(_RotatedRows, nn.Module):
 class TiedQuantHead(nn.Module):
     """The LM head of a model with tied embeddings: logits against the packed embedding, stored once."""
 
-    def __init__(self, embedding: QuantEmbedding, embedding_name: str):
+    def __init__(self, embedding: QuantEmbedding | TieredQuantEmbedding, embedding_name: str):
         super().__init__()
         self._embedding = (embedding,)  # a reference, not a submodule: its buffers are saved under its own name
         self.embedding_name = embedding_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         table = self._embedding[0]
-        shape = (table.num_embeddings, table.embedding_dim)
-        x = table.rotate_input(x)
-        if kernel_applies(table, table.embedding_dim, x):
-            return kernel_linear(x, table, shape)
-        return F.linear(x, table.weight_values().to(x.dtype))
+        return table.head_logits(table.rotate_input(x))
 
     def layout(self) -> dict:
         return {"kind": "tied_head", "embedding": self.embedding_name}
@@ -332,5 +342,123 @@ class QuantMPOLinear(nn.Module):
                 f"bond_dims={list(self.bond_dims)}, bits={self.bits}, group={self.group_size}")  # fmt: skip
 
 
-QUANT_LAYERS = {"linear": QuantLinear, "embedding": QuantEmbedding, "mpo": QuantMPOLinear}
-PACKED_LAYERS = tuple(QUANT_LAYERS.values())  # the modules holding packed tensors (the tied head only reads one)
+class PackedRows(nn.Module):
+    """One tier of a :class:`TieredQuantEmbedding`: some of its rows, packed at one width (buffers ``codes``,
+    ``scale``, ``offset``, as a :class:`QuantLinear`'s weight, so the CPU kernels and scale training take it alike)."""
+
+    def __init__(self, packed: PackedTensor, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.shape = tuple(packed.shape)
+        self.bits, self.group_size = packed.bits, packed.group_size
+        self.compute_dtype = compute_dtype
+        _register_packed(self, "", packed)
+
+    @property
+    def packed_numel(self) -> int:
+        return math.prod(self.shape)
+
+    def weight_values(self) -> torch.Tensor:
+        return dequantize(_packed(self, "", self.shape), self.compute_dtype)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return dequantized_rows(self, self.shape, index)
+
+    def extra_repr(self) -> str:
+        return f"rows={self.shape[0]}, bits={self.bits}, group={self.group_size}"
+
+
+class TieredQuantEmbedding(_RotatedRows, nn.Module):
+    """Token embedding whose rows are packed at several widths (:mod:`bondcut.quant.tiers`: the rows in use finest).
+    ``row_tier`` (uint8, one per row) says which tier holds each row; a tier holds its rows in increasing row order.
+    Lookups and a tied head's logits compute what a :class:`QuantEmbedding` with the same rounded rows would."""
+
+    def __init__(
+        self,
+        tiers: list[PackedTensor],
+        row_tier: torch.Tensor,
+        padding_idx: int | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        rotation: tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = row_tier.numel(), tiers[0].shape[1]
+        if sum(p.shape[0] for p in tiers) != self.num_embeddings:
+            raise ValueError(f"tiers hold {sum(p.shape[0] for p in tiers)} rows, row_tier names {self.num_embeddings}")
+        self.padding_idx = padding_idx
+        self.compute_dtype = compute_dtype
+        self.output_scale = 1.0
+        self.parts = nn.ModuleList(PackedRows(p, compute_dtype) for p in tiers)
+        self.register_buffer("row_tier", row_tier.to(torch.uint8))
+        self._index_memo = VersionMemo()
+        self._set_rotation(rotation, self.embedding_dim)
+
+    @classmethod
+    def empty(cls, layout: dict, dtype: torch.dtype, device=None) -> TieredQuantEmbedding:
+        rows, width = layout["shape"]
+        tiers = [_empty_packed((n, width), bits, group, device) for bits, n, group in layout["tiers"]]
+        row_tier = torch.zeros(rows, dtype=torch.uint8, device=device)
+        return cls(tiers, row_tier, layout.get("padding_idx"), dtype, rotation_of(layout))
+
+    def _index(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(rows of each tier, each row's position within its tier), rebuilt when ``row_tier`` changes (loading)."""
+
+        def build():
+            tier = self.row_tier.long()
+            rows = [(tier == t).nonzero().squeeze(1) for t in range(len(self.parts))]
+            position = torch.empty_like(tier)
+            for r in rows:
+                position[r] = torch.arange(len(r), device=tier.device)
+            return rows, position
+
+        return self._index_memo.get((self.row_tier,), build)
+
+    def weight_values(self) -> torch.Tensor:
+        """The whole table as stored (rows W R^T when rotated), differentiable in trained scales."""
+        rows, _ = self._index()
+        table = torch.zeros(self.num_embeddings, self.embedding_dim, dtype=self.compute_dtype,
+                            device=self.row_tier.device)  # fmt: skip
+        for r, part in zip(rows, self.parts):
+            table = table.index_copy(0, r, part.weight_values())
+        return table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        _, position = self._index()
+        tier, where = self.row_tier[ids], position[ids]
+        values = torch.zeros(*ids.shape, self.embedding_dim, dtype=self.compute_dtype, device=ids.device)
+        for t, part in enumerate(self.parts):
+            mask = tier == t
+            if mask.any():
+                values = values.index_put((mask,), part.rows(where[mask]))
+        values = self.unrotate_rows(values)
+        return values if self.output_scale == 1.0 else values * self.output_scale
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ table^T for inputs already rotated: tier by tier (each through the CPU kernel where one fits) when
+        no gradient is wanted, else through the whole dequantized table."""
+        if torch.is_grad_enabled():
+            return F.linear(x, self.weight_values().to(x.dtype))
+        rows, _ = self._index()
+        logits = x.new_empty(*x.shape[:-1], self.num_embeddings)
+        for r, part in zip(rows, self.parts):
+            logits.index_copy_(-1, r, packed_product(part, x, part.shape))
+        return logits
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return tuple(p.bits for p in self.parts)
+
+    def layout(self) -> dict:
+        tiers = [[p.bits, p.shape[0], p.group_size] for p in self.parts]
+        return {"kind": "tiered_embedding", "shape": [self.num_embeddings, self.embedding_dim], "tiers": tiers,
+                "padding_idx": self.padding_idx, "output_scale": self.output_scale,
+                **self._rotation_layout()}  # fmt: skip
+
+    def extra_repr(self) -> str:
+        widths = ", ".join(f"{p.shape[0]} rows int{p.bits}" for p in self.parts)
+        return f"{self.num_embeddings}, {self.embedding_dim}, {widths}{self._rotation_repr()}"
+
+
+QUANT_LAYERS = {"linear": QuantLinear, "embedding": QuantEmbedding, "mpo": QuantMPOLinear,
+                "tiered_embedding": TieredQuantEmbedding}  # fmt: skip
+EMBEDDING_KINDS = ("embedding", "tiered_embedding")
+PACKED_LAYERS = (QuantLinear, QuantEmbedding, QuantMPOLinear, PackedRows)  # modules holding packed tensors themselves
