@@ -382,3 +382,45 @@ def test_defer_packing_needs_the_joint_search():
         bondcut.CompressConfig(ratio=0.5, defer_packing=True)
     with pytest.raises(ValueError, match="joint_rotate applies to the joint search's packing"):
         bondcut.CompressConfig(ratio=0.5, joint_rotate=True)
+
+
+def test_row_tiers_are_priced_and_packed_as_the_search_measures_them(trained_model):
+    """A tied table's row tiers are one more embedding option: priced in the bytes the packed table takes (with its
+    tier index), measured closer to the original than int4 on unseen text, and packed by the plan into exactly the
+    table the measurement read."""
+    import copy
+
+    from bondcut.calibration import unseen_calibration_windows
+    from bondcut.joint import EmbeddingRounding, _embedding_prices, embedding_kls, embedding_precisions
+    from bondcut.quant.modules import TieredQuantEmbedding
+    from bondcut.quant.tiers import RowTiers
+
+    model, tokenizer = trained_model
+    tiers = "8:0.25,4:0.75"
+    config = bondcut.CompressConfig(target_bytes=10**8, embedding_tiers=(tiers,))
+    precisions, usage = embedding_precisions(model, tokenizer, config)
+    assert precisions == (8, 4, tiers) and usage.shape == (model.config.vocab_size,)
+    rounding = EmbeddingRounding(usage=usage)
+    windows = unseen_calibration_windows(tokenizer, 512, 256)
+    kls = embedding_kls(model, windows, (4, tiers), 64, rounding)
+    assert kls[tiers] < kls[4], kls
+    table = model.get_input_embeddings().weight
+    prices = _embedding_prices([table], 4, 64, kls)
+    assert prices[tiers] == (RowTiers.parse(tiers).nbytes(*table.shape, 64), kls[tiers])
+    assert prices[4][0] < prices[tiers][0]
+    packed = copy.deepcopy(model)
+    apply_storage(packed, _hand_plan({}, [], tiers), "rtn", tokenizer=tokenizer)
+    embedding = packed.get_input_embeddings()
+    assert isinstance(embedding, TieredQuantEmbedding) and embedding.bits == (8, 4)
+    ids = torch.arange(table.shape[0]).view(16, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(embedding(ids).view(table.shape), rounding.table(table, tiers, 64), rtol=0, atol=1e-6)
+
+
+def test_row_tiers_need_the_joint_search_and_whole_bytes():
+    with pytest.raises(ValueError, match="embedding_tiers applies to the joint search"):
+        bondcut.CompressConfig(ratio=0.5, embedding_tiers=("8:0.1,4:0.9",))
+    with pytest.raises(ValueError, match="sum to 1"):
+        bondcut.CompressConfig(target_bytes=10**8, embedding_tiers=("8:0.1,4:0.8",))
+    with pytest.raises(ValueError, match="whole bytes"):
+        bondcut.CompressConfig(target_bytes=10**8, group_size=36, joint_bits=(4,), embedding_tiers=("8:0.5,3:0.5",))

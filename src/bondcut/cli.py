@@ -126,6 +126,13 @@ def compress(
             "(3 and 2 bits have no fast CPU kernel: they dequantize in the forward)"
         ),
     ] = "8,4",  # fmt: skip
+    embedding_tiers: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="with --target-bytes: row tiers the search may also give a tied embedding (bits:share, the rows "
+            "used most first), repeatable, e.g. --embedding-tiers 8:0.1,4:0.4,3:0.5"
+        ),
+    ] = None,  # fmt: skip
     rounding: Annotated[
         str, typer.Option(help="with --target-bytes: round packed dense matrices 'gptq' (activation-aware) or 'rtn'")
     ] = "gptq",
@@ -162,6 +169,7 @@ def compress(
     import bondcut
 
     from .config import CompressConfig
+    from .joint import precision_text
     from .sizes import directory_weight_bytes
 
     if out.exists() and not overwrite:
@@ -172,6 +180,7 @@ def compress(
             max_deleted_blocks=max_deleted_blocks,
             group_sizes=_parse_group_sizes(group_sizes) if target_bytes is not None else (),
             joint_bits=_parse_int_list(bits, "--bits", "8,4,3"),
+            embedding_tiers=tuple(embedding_tiers or ()),
             joint_rounding=rounding,
             joint_rotate=rotate,
             rounding_weight=rounding_weight,
@@ -208,7 +217,7 @@ def compress(
     if report.joint:
         joint = report.joint
         console.print(f"joint plan: {len(joint['removed_blocks'])} blocks deleted {joint['removed_blocks']}, embedding "
-                      f"{joint['embedding_bits'] or 'float'}{' bits' if joint['embedding_bits'] else ''}, packed in "
+                      f"{precision_text(joint['embedding_bits'])}, packed in "
                       f"groups of {joint['group_size']}, predicted "
                       f"{joint['predicted_bytes'] / 1e6:.1f} MB of {joint['budget_bytes'] / 1e6:.1f} MB, "
                       f"predicted KL {joint['predicted_kl']:.3f} nats/token")  # fmt: skip
@@ -765,7 +774,7 @@ def _pack_pending(net, tokenizer, calibration_tokens: int, name: str, source, ou
     import bondcut
 
     from .hf_integration import pending_packing
-    from .joint import apply_pending_packing
+    from .joint import apply_pending_packing, precision_text
 
     packing = pending_packing(net)
     if packing is None:
@@ -773,7 +782,7 @@ def _pack_pending(net, tokenizer, calibration_tokens: int, name: str, source, ou
               "--defer-packing (or quantize without --pending)")  # fmt: skip
     bits = sorted(set(packing["layers"].values()))
     with console.status(f"packing {len(packing['layers'])} matrices ({packing['rounding']}, bits {bits}), "
-                        f"embedding {packing['embedding_bits'] or 'float'}"):  # fmt: skip
+                        f"embedding {precision_text(packing['embedding_bits'])}"):  # fmt: skip
         apply_pending_packing(net, tokenizer, calibration_tokens)
     with console.status(f"saving to {out}"):
         bondcut.save(net, out, tokenizer=tokenizer, overwrite=overwrite)

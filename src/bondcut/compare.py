@@ -188,6 +188,7 @@ def _compress_config(method: str, config: CompareConfig) -> CompressConfig:
 
 def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, target_bytes: int | None = None) -> str:
     """Turn ``model`` (a fresh copy of the original) into ``method``'s model, in place; returns a note."""
+    from .joint import precision_text
     from .quant import QuantizeConfig, quantize_model
     from .surgery import compress
 
@@ -202,7 +203,7 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, targe
                                                joint_bits=config.joint_bits, joint_rotate=config.rotate),
                          tokenizer=tokenizer).joint  # fmt: skip
         return (f"joint plan for {target_bytes / 1e6:.1f} MB: blocks deleted {joint['removed_blocks']}, embedding "
-                f"{joint['embedding_bits'] or 'float'}")  # fmt: skip
+                f"{precision_text(joint['embedding_bits'])}")  # fmt: skip
     if method in QUANTIZED:
         bits, rounding = QUANTIZED[method]
         quantize_model(model, QuantizeConfig(bits=bits, group_size=config.group_size, method=rounding,

@@ -51,6 +51,9 @@ class CompressConfig:
             the embedding's precision and up to ``max_deleted_blocks`` whole blocks to delete.
         max_deleted_blocks: how many blocks the joint allocator may delete (0 = none).
         joint_bits: packed precisions the joint allocator may use; ``group_size``: weights per scale.
+        embedding_tiers: with ``target_bytes``: row tiers the joint allocator may also give an embedding tied to
+            the LM head, beside ``joint_bits`` (e.g. ``("8:0.1,4:0.4,3:0.5",)``: the tenth of rows used most at 8
+            bits, the rarest half at 3; :mod:`bondcut.quant.tiers`).
         group_sizes: with ``target_bytes``: the group sizes the joint allocator tries, one per plan (each packed
             tensor of a plan shares it); the one with the least predicted KL wins. Empty: ``(group_size,)``.
         joint_rounding: how its packed dense matrices and embedding are rounded: "gptq" (activation-aware, on
@@ -89,6 +92,7 @@ class CompressConfig:
     target_bytes: int | str | None = None
     max_deleted_blocks: int = 4
     joint_bits: tuple[int, ...] = (8, 4)
+    embedding_tiers: tuple[str, ...] = ()
     joint_rounding: str = "gptq"
     joint_rotate: bool = False
     rounding_weight: float = 1.0
@@ -120,6 +124,16 @@ class CompressConfig:
             raise ValueError(f"group sizes must be multiples of {multiple} (>= {multiple}) for widths "
                              f"{self.joint_bits}, got group_size={self.group_size}, group_sizes={self.group_sizes}; "
                              "e.g. group_sizes=(32, 64, 128)")  # fmt: skip
+        if self.embedding_tiers:
+            from .quant.tiers import RowTiers
+
+            if self.target_bytes is None:
+                raise ValueError("embedding_tiers applies to the joint search: give target_bytes as well (to pack "
+                                 "one model's embedding in tiers: QuantizeConfig(embedding_tiers=...))")  # fmt: skip
+            for tiers in self.embedding_tiers:
+                if any(g % group_multiple(b) for b in RowTiers.parse(tiers).widths for g in self.joint_group_sizes):
+                    raise ValueError(f"row tiers {tiers} need group sizes that fill whole bytes at each width, got "
+                                     f"{self.joint_group_sizes}")  # fmt: skip
         if self.group_sizes and self.target_bytes is None:
             raise ValueError("group_sizes applies to the joint search: give target_bytes as well")
         if not 0 < self.rounding_weight <= 1:

@@ -3,7 +3,7 @@
 Per SA/MLP matrix the options are every priced (layout, χ) of :mod:`bondcut.candidates` and dense, each stored
 in the model's float dtype or packed at one of the widths asked (8 and 4 by default; 3 and 2 as well,
 :mod:`bondcut.quant`). Per model, the token embedding (and the LM head) is float or packed at one of those widths,
-and up to ``max_blocks`` decoder blocks may be deleted (LayerChop).
+or, tied to the head, in row tiers (:mod:`bondcut.quant.tiers`: the rows used most at a finer width), and up to ``max_blocks`` decoder blocks may be deleted (LayerChop).
 
 Predicted damage, in nats of KL to the original per token, adds up:
 - a matrix option: alpha_l * e, with alpha_l fitted to the profile (:mod:`bondcut.allocate`) and e its relative
@@ -104,7 +104,7 @@ class JointPlan:
 
     plan: Plan
     removed_blocks: list[int]
-    embedding_bits: int | None
+    embedding_bits: int | str | None  # a width, row tiers ("8:0.1,4:0.9", :mod:`bondcut.quant.tiers`), or float
     budget_bytes: int
     predicted_bytes: int
     predicted_kl: float
@@ -154,29 +154,54 @@ def priced_options(
     return frontier
 
 
+def precision_text(precision: int | str | None) -> str:
+    """An embedding precision as tables print it: 'float', '4 bits' or 'rows 8:0.1,4:0.9'."""
+    if precision is None:
+        return "float"
+    return f"rows {precision}" if isinstance(precision, str) else f"{precision} bits"
+
+
 @dataclass(frozen=True)
 class EmbeddingRounding:
     """How packing will round the embedding (and an untied head), so that pricing and every measurement round it
     alike: GPTQ on ``gram``, the tied head's input Gram matrix (None: to nearest), rows rotated with ``rotate``
-    (:func:`bondcut.quant.apply.rounded_table`). Computed once per search: the Gram matrix costs a calibration pass."""
+    (:func:`bondcut.quant.apply.rounded_table`), row tiers ranked by ``usage``
+    (:func:`bondcut.quant.tiers.corpus_usage`). Computed once per search: the Gram matrix and the usage cost a pass
+    each; each width's rounded table is kept for the table it was rounded from (tiers and plans reuse it)."""
 
     gram: torch.Tensor | None = None
     rotate: bool = False
+    usage: torch.Tensor | None = None
+    _rounded: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def table(self, weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-        """``weight`` as a lookup will read it once packed at ``bits``."""
+    def table(self, weight: torch.Tensor, precision: int | str, group_size: int) -> torch.Tensor:
+        """``weight`` as a lookup will read it once packed at ``precision`` (a width or row tiers)."""
+        from .quant.tiers import RowTiers, tiered_values
+
+        if not isinstance(precision, str):
+            return self._rounded_at(weight, precision, group_size)
+        if self.usage is None:
+            raise ValueError("row tiers rank the embedding's rows by use: give EmbeddingRounding a usage")
+        tiers = RowTiers.parse(precision)
+        tables = {b: self._rounded_at(weight, b, group_size) for b in tiers.widths}
+        return tiered_values(tables, tiers.assign(self.usage), tiers)
+
+    def _rounded_at(self, weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
         from .quant.apply import rounded_table
 
-        return rounded_table(weight, bits, group_size, self.gram, self.rotate)
+        key = (bits, group_size, tuple(weight.shape), float(weight.detach().double().sum()))
+        if key not in self._rounded:
+            self._rounded[key] = rounded_table(weight, bits, group_size, self.gram, self.rotate)
+        return self._rounded[key]
 
 
 @torch.no_grad()
-def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int, ...], group_size: int,
+def embedding_kls(model: nn.Module, windows: torch.Tensor, bits: tuple[int | str, ...], group_size: int,
                   rounding: EmbeddingRounding = EmbeddingRounding(),
-                  reference: torch.Tensor | None = None) -> dict[int, float]:  # fmt: skip
-    """KL to the original per token when the embedding (and an untied head) is rounded to each bit width as
-    packing will round it (``rounding``); ``reference`` is the original's :func:`next_token_logprobs` on
-    ``windows`` (None: computed here; pass it when pricing several group sizes)."""
+                  reference: torch.Tensor | None = None) -> dict[int | str, float]:  # fmt: skip
+    """KL to the original per token when the embedding (and an untied head) is rounded to each precision (a bit
+    width, or row tiers for a tied table) as packing will round it (``rounding``); ``reference`` is the original's
+    :func:`next_token_logprobs` on ``windows`` (None: computed here; pass it when pricing several group sizes)."""
     tensors = {id(p): p for p in embedding_tensors(model)}
     if reference is None:
         reference = next_token_logprobs(model, windows)
@@ -207,17 +232,23 @@ def tied_head_gram(model: nn.Module, tokenizer, tokens: int) -> torch.Tensor | N
 
 
 def _embedding_prices(
-    tensors: list[torch.Tensor], float_bytes: int, group_size: int, kls: dict[int, float]
-) -> dict[int | None, tuple[int, float]]:
-    """The embedding's knapsack item: bits -> (bytes, KL); packed rows are cut in the largest group
-    <= ``group_size`` that divides them and fills whole bytes (as :func:`bondcut.quant.quantize_model` packs it)."""
+    tensors: list[torch.Tensor], float_bytes: int, group_size: int, kls: dict[int | str, float]
+) -> dict[int | str | None, tuple[int, float]]:
+    """The embedding's knapsack item: precision (bits, or row tiers of a tied table) -> (bytes, KL); packed rows
+    are cut in the largest group <= ``group_size`` that divides them and fills whole bytes (as
+    :func:`bondcut.quant.quantize_model` packs it)."""
     from .quant.packing import group_dividing
+    from .quant.tiers import RowTiers
 
-    prices: dict[int | None, tuple[int, float]] = {None: (sum(p.numel() for p in tensors) * float_bytes, 0.0)}
-    for bits, kl in kls.items():
-        nbytes = sum(math.ceil(p.numel() * bytes_per_weight(bits, float_bytes, group_dividing(p.shape[1], group_size, bits)))
-                     for p in tensors)  # fmt: skip
-        prices[bits] = (nbytes, kl)
+    prices: dict[int | str | None, tuple[int, float]] = {None: (sum(p.numel() for p in tensors) * float_bytes, 0.0)}
+    for precision, kl in kls.items():
+        if isinstance(precision, str):
+            nbytes = sum(RowTiers.parse(precision).nbytes(*p.shape, group_size) for p in tensors)
+        else:
+            nbytes = sum(math.ceil(p.numel() * bytes_per_weight(precision, float_bytes,
+                                                                group_dividing(p.shape[1], group_size, precision)))
+                         for p in tensors)  # fmt: skip
+        prices[precision] = (nbytes, kl)
     return prices
 
 
@@ -231,7 +262,7 @@ def embedding_tensors(model: nn.Module) -> list[torch.Tensor]:
 def solve_joint(
     options: dict[str, list[Option]],
     alphas: dict[str, float],
-    embedding: dict[int | None, tuple[int, float]],
+    embedding: dict[int | str | None, tuple[int, float]],
     block_of: dict[str, int],
     deletion_order: list[int],
     deletion_kls: list[float],
@@ -239,8 +270,8 @@ def solve_joint(
     budget_bytes: int,
     fixed_bytes: int,
     on_solve: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, Option], int | None, list[int], dict]:
-    """The knapsack per number of deleted blocks; the best total. ``embedding``: bits -> (bytes, KL)."""
+) -> tuple[dict[str, Option], int | str | None, list[int], dict]:
+    """The knapsack per number of deleted blocks; the best total. ``embedding``: precision -> (bytes, KL)."""
     best, trials = None, []
     embedding_bits = list(embedding)
     for k in range(len(deletion_order) + 1):
@@ -275,7 +306,7 @@ def joint_plan(
     alphas: dict[str, float],
     chosen: dict[str, Option],
     deleted: list[int],
-    embedding_bits: int | None,
+    embedding_bits: int | str | None,
     budget_bytes: int,
     group_size: int,
     stats: dict,
@@ -291,7 +322,7 @@ def joint_plan(
 def uniform_plans(
     candidates: dict[str, MatrixCandidates],
     alphas: dict[str, float],
-    priced: dict[int, tuple[dict[str, list[Option]], dict[int | None, tuple[int, float]]]],
+    priced: dict[int, tuple[dict[str, list[Option]], dict[int | str | None, tuple[int, float]]]],
     bits: tuple[int, ...],
     budget: int,
     fixed_bytes: int,
@@ -354,11 +385,12 @@ def allocate_joint(
     best, by_group, priced, weight = None, {}, {}, config.rounding_weight
     gptq = config.joint_rounding == "gptq"
     head_gram = tied_head_gram(model, tokenizer, max(512, config.calibration_tokens or 0)) if gptq else None
-    rounding = EmbeddingRounding(head_gram, config.joint_rotate)
+    precisions, usage = embedding_precisions(model, tokenizer, config)
+    rounding = EmbeddingRounding(head_gram, config.joint_rotate, usage)
     reference = next_token_logprobs(model, windows)
     for group in config.joint_group_sizes:
         options = {n: priced_options(c, float_bytes, group, weight) for n, c in candidates.items()}
-        kls = embedding_kls(model, windows, tuple(config.joint_bits), group, rounding, reference)
+        kls = embedding_kls(model, windows, precisions, group, rounding, reference)
         embedding = _embedding_prices(emb_tensors, float_bytes, group, {b: weight * kl for b, kl in kls.items()})
         priced[group] = (options, embedding)
         try:
@@ -391,6 +423,18 @@ def allocate_joint(
     return plan
 
 
+def embedding_precisions(model: nn.Module, tokenizer, config) -> tuple[tuple[int | str, ...], torch.Tensor | None]:
+    """The embedding's packed precisions the joint search prices: ``config.joint_bits`` and, for a table tied to
+    the LM head, ``config.embedding_tiers`` whose widths are all allowed; with the rows' usage that tiers rank by
+    (None without tiers). An untied model prices no tiers (its head is a matrix of its own)."""
+    from .quant.tiers import RowTiers, corpus_usage
+
+    tiers = tuple(str(RowTiers.parse(t)) for t in config.embedding_tiers)
+    if not tiers or len(embedding_tensors(model)) > 1:
+        return tuple(config.joint_bits), None
+    return (*config.joint_bits, *tiers), corpus_usage(model, tokenizer)
+
+
 class SkippedBlock(nn.Module):
     """A deleted block while a plan is measured: hands its input hidden states on unchanged."""
 
@@ -404,7 +448,7 @@ class SkippedBlock(nn.Module):
         return hidden_states
 
 
-def _measured_storage(model: nn.Module, bits: int | None, group_size: int, removed: list[int],
+def _measured_storage(model: nn.Module, bits: int | str | None, group_size: int, removed: list[int],
                       rounding: EmbeddingRounding):  # fmt: skip
     """Prepare a measured plan's model: the embedding (and an untied head) rounded to ``bits`` as the packing will
     round it (``rounding``) and the ``removed`` blocks skipped, after the original's distributions are recorded.
@@ -561,21 +605,26 @@ def apply_packing(model: nn.Module, packing: dict, tokenizer=None, calibration_t
     GPTQ rounding collects the statistics of every packed dense matrix and of the head in one calibration pass."""
     from .quant import QuantizeConfig, quantize_model
     from .quant.apply import gram_matrices
+    from .quant.tiers import RowTiers
 
-    packed, rounding = packing["layers"], packing["rounding"]
-    if rounding == "gptq" and tokenizer is None:
-        raise ValueError("GPTQ packing needs calibration text: pass the tokenizer")
+    packed, rounding, embedding = packing["layers"], packing["rounding"], packing["embedding_bits"]
+    if (rounding == "gptq" or isinstance(embedding, str)) and tokenizer is None:
+        raise ValueError("GPTQ packing and row tiers need calibration text: pass the tokenizer")
     settings = dict(group_size=packing["group_size"], method=rounding, calibration_tokens=calibration_tokens,
                     rotate=packing.get("rotate", False))  # fmt: skip
     grams = None
     if rounding == "gptq":
-        everything = QuantizeConfig(**settings, only=tuple(packed), embeddings=packing["embedding_bits"] is not None)
+        everything = QuantizeConfig(**settings, only=tuple(packed), embeddings=embedding is not None)
         grams = gram_matrices(model, tokenizer, everything)
     for bits in sorted(set(packed.values())):
         only = tuple(n for n, b in packed.items() if b == bits)
         quantize_model(model, QuantizeConfig(**settings, bits=bits, embeddings=False, only=only), grams=grams)
-    if packing["embedding_bits"] is not None:
-        quantize_model(model, QuantizeConfig(**settings, bits=packing["embedding_bits"], linear=False), grams=grams)
+    if isinstance(embedding, str):  # row tiers, ranked on the corpus as the search ranked them
+        tiers = QuantizeConfig(**settings, bits=max(RowTiers.parse(embedding).widths), linear=False,
+                               embedding_tiers=embedding)  # fmt: skip
+        quantize_model(model, tiers, tokenizer=tokenizer, grams=grams)
+    elif embedding is not None:
+        quantize_model(model, QuantizeConfig(**settings, bits=embedding, linear=False), grams=grams)
 
 
 def apply_pending_packing(model: nn.Module, tokenizer=None, calibration_tokens: int = 16384) -> dict:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .kernels import INT4_ROWS
-from .packing import BITS
+from .packing import BITS, group_dividing, row_group
 
 ROW_MULTIPLE = INT4_ROWS
 
@@ -82,7 +82,8 @@ class RowTiers:
     def nbytes(self, rows: int, width: int, group_size: int) -> int:
         """Bytes of a (rows x width) table packed so, in groups of ``group_size`` per row, with its tier index (one
         byte a row; none for a single tier, packed as a plain table)."""
-        per_row = {b: width * b / 8 + 4 * math.ceil(width / group_size) for b in self.widths}
+        groups = {b: group_dividing(width, row_group(group_size, width), b) for b in self.widths}  # as packing cuts
+        per_row = {b: width * b / 8 + 4 * (width // groups[b]) for b in self.widths}
         index = rows if len(self.tiers) > 1 else 0
         return index + sum(math.ceil(n * per_row[b]) for (b, _), n in zip(self.tiers, self.counts(rows)))
 
