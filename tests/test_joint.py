@@ -414,7 +414,9 @@ def test_row_tiers_are_priced_and_packed_as_the_search_measures_them(trained_mod
     assert isinstance(embedding, TieredQuantEmbedding) and embedding.bits == (8, 4)
     ids = torch.arange(table.shape[0]).view(16, -1)
     with torch.no_grad():
-        torch.testing.assert_close(embedding(ids).view(table.shape), rounding.table(table, tiers, 64), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            embedding(ids).view(table.shape), rounding.table(table, tiers, 64), rtol=0, atol=1e-6
+        )
 
 
 def test_row_tiers_need_the_joint_search_and_whole_bytes():
