@@ -212,16 +212,18 @@ def test_bad_heal_input_is_a_clear_error(compressed_dir, tmp_path, args, message
     assert result.exit_code == 2 and message in result.output
 
 
-def test_healing_a_packed_model_trains_only_its_group_scales_and_offsets(trained_model, tmp_path, prompt_ids):
+@pytest.mark.parametrize("tiers", [None, "8:0.25,4:0.75"])
+def test_healing_a_packed_model_trains_only_its_group_scales_and_offsets(trained_model, tmp_path, prompt_ids, tiers):
     """train='scales': the int4 model's codes stay, its fp16 scales/offsets move (float32 while training, fp16
-    buffers again after), held-out perplexity falls, and the healed model saves and reloads as it is."""
+    buffers again after), held-out perplexity falls, and the healed model saves and reloads as it is; also with the
+    embedding's rows in tiers (each tier's scales train)."""
     import copy
 
     from bondcut.quant import QuantizeConfig, quantize_model
 
     model, tokenizer = trained_model
     packed = copy.deepcopy(model)
-    quantize_model(packed, QuantizeConfig(bits=4))
+    quantize_model(packed, QuantizeConfig(bits=4, embedding_tiers=tiers), tokenizer=tokenizer)
     buffers = {n: b.clone() for n, b in packed.named_buffers()}
     result = heal(packed, tokenizer, HealConfig(**{**SMALL, "lr": 3e-4}, train="scales"))
     assert result.evals[-1]["perplexity"] < result.evals[0]["perplexity"]
