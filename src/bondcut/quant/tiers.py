@@ -6,9 +6,9 @@ probability the model gives that token. Both are tiny for the many tokens a text
 so a table spends its bytes best on the rows in use. ``RowTiers`` names the widths and the share of rows at
 each, most used first ("8:0.1,4:0.9": the tenth of rows used most at 8 bits, the rest at 4); the rows are
 ranked by :func:`row_usage` (how often each token occurs in the train split; ties by the probability the model
-predicts for it). On SmolLM2-135M (tied 49,152 x 576 table, GPTQ rotated, groups of 64; KL on 4,096 unseen
-calibration tokens) the tenth of rows used most at 8 bits cut the table's KL from 0.022 to 0.006, and the
-rarer half at 3 bits added 0.004 (bench/results/issue7/row_tiers.json).
+predicts for it). On SmolLM2-135M (tied 49,152 x 576 table alone packed, GPTQ rotated, groups of 64; KL on 4,096
+unseen calibration tokens; bench/results/issue7/row_tiers.json): int4 0.0219 at 15.93 MB, "8:0.1,4:0.9" 0.0064 at
+17.39 MB, "8:0.1,4:0.4,3:0.5" 0.0108 at 15.62 MB (the rarest half at 3 bits costs 0.004 and pays for the 8-bit tenth).
 """
 
 from __future__ import annotations
@@ -105,10 +105,8 @@ def row_usage(model: nn.Module, counted: torch.Tensor, windows: torch.Tensor, ba
     """(vocabulary,) how much each embedding row is used: the share of the token ids ``counted`` that are its
     token, ties (tokens the text never holds) ordered by the mean probability the model predicts for it on
     ``windows`` (a tied head's role; no order among ties for an untied table). ``batch`` windows per forward.
-
-    Counting matters most: on SmolLM2-135M, rows ranked by counts on the 1.05 M-token train split gave the
-    table at "8:0.1,4:0.4,3:0.5" KL 0.0107, ranked by counts plus predictions on 16,384 calibration tokens
-    0.0141 (bench/results/issue7/row_tiers.json)."""
+    Counts come from the most text at hand (the train split's 1.05 M tokens for :func:`corpus_usage`): a token
+    the calibration text happens not to hold may still be common."""
     from ..divergence import next_token_logprobs
 
     rows = model.get_input_embeddings().weight.shape[0]
