@@ -35,3 +35,26 @@ def base_parser(description: str, out_name: str):
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / out_name, help="JSON path; a PNG goes beside it")
     return parser
+
+
+def add_tied_table_arguments(parser) -> None:
+    """The options of the benches that pack a tied embedding and measure its KL: --tokens, --gram-tokens."""
+    parser.add_argument("--tokens", type=int, default=4096, help="unseen calibration tokens the KL is measured on")
+    parser.add_argument("--gram-tokens", type=int, default=16384, help="calibration tokens for the head's statistics")
+
+
+def load_tied_table(args):
+    """(model, tokenizer, the tied head's input Gram matrix, unseen calibration windows of ``args.tokens``) for a
+    bench that packs a tied embedding; exits with a clear message for a model whose head is not tied."""
+    import torch
+
+    from bondcut.calibration import unseen_calibration_windows
+    from bondcut.joint import tied_head_gram
+    from bondcut.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    gram = tied_head_gram(model, tokenizer, args.gram_tokens)
+    if gram is None:
+        raise SystemExit(f"{args.model} does not tie its embedding to the LM head: this bench measures a tied table")
+    return model, tokenizer, gram, unseen_calibration_windows(tokenizer, args.tokens, 512)

@@ -13,13 +13,10 @@ chart.
 from __future__ import annotations
 
 import torch
-from _common import base_parser, write_json
+from _common import add_tied_table_arguments, base_parser, load_tied_table, write_json
 from torch import nn
 
-from bondcut.calibration import unseen_calibration_windows
 from bondcut.divergence import kl_per_position, next_token_logprobs
-from bondcut.joint import tied_head_gram
-from bondcut.models import load_model
 from bondcut.quant.apply import rounded_table
 from bondcut.report import pyplot, save_figure
 
@@ -49,15 +46,10 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0], "issue7/embedding_rounding.json")
     parser.add_argument("--bits", default="4,3", help="packed widths, comma-separated")
     parser.add_argument("--group-sizes", default="64", help="group sizes, comma-separated")
-    parser.add_argument("--tokens", type=int, default=4096, help="unseen calibration tokens the KL is measured on")
-    parser.add_argument("--gram-tokens", type=int, default=16384, help="calibration tokens for the head's statistics")
+    add_tied_table_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
-    gram = tied_head_gram(model, tokenizer, args.gram_tokens)
-    if gram is None:
-        raise SystemExit(f"{args.model} does not tie its embedding to the LM head: nothing to compare here")
-    swap = TableSwap(model, unseen_calibration_windows(tokenizer, args.tokens, 512))
+    model, _, gram, windows = load_tied_table(args)
+    swap = TableSwap(model, windows)
     table, rows = swap.table, []
     for group in [int(g) for g in args.group_sizes.split(",")]:
         for bits in [int(b) for b in args.bits.split(",")]:

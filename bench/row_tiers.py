@@ -14,12 +14,9 @@ from __future__ import annotations
 import time
 
 import torch
-from _common import base_parser, write_json
+from _common import add_tied_table_arguments, base_parser, load_tied_table, write_json
 
-from bondcut.calibration import unseen_calibration_windows
 from bondcut.divergence import kl_per_position, next_token_logprobs
-from bondcut.joint import tied_head_gram
-from bondcut.models import load_model
 from bondcut.quant.apply import rounded_table
 from bondcut.quant.tiers import RowTiers, corpus_usage, tiered_values
 from bondcut.report import pyplot, save_figure
@@ -31,15 +28,9 @@ def main() -> None:
                         help="row tiers to measure (bits:share, most used first); '4:1' is plain int4")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--rotate", action="store_true", help="rotated rows (as quantize --rotate packs them)")
-    parser.add_argument("--tokens", type=int, default=4096, help="unseen calibration tokens the KL is measured on")
-    parser.add_argument("--gram-tokens", type=int, default=16384, help="calibration tokens for the head's statistics")
+    add_tied_table_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
-    gram = tied_head_gram(model, tokenizer, args.gram_tokens)
-    if gram is None:
-        raise SystemExit(f"{args.model} does not tie its embedding to the LM head: row tiers price both roles here")
-    windows = unseen_calibration_windows(tokenizer, args.tokens, 512)
+    model, tokenizer, gram, windows = load_tied_table(args)
     reference = next_token_logprobs(model, windows, batch=4)
     weight = model.get_input_embeddings().weight
     table = weight.detach().clone()
