@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -240,12 +241,14 @@ def test_target_bytes_compress_fits_the_file_measures_what_it_builds_and_reloads
     config = bondcut.CompressConfig(target_bytes=target, max_deleted_blocks=1, include=["re:layers\\.(2|3)\\."],
                                     profile=str(tmp_path / "profile.json"), search_tokens=256, profile_tokens=256,
                                     calibration_tokens=1024, group_sizes=(32, 128), rounding_weight=0.3,
-                                    search_evaluations=6)  # fmt: skip
+                                    search_evaluations=6, embedding_tiers=("8:0.25,4:0.75",))  # fmt: skip
     report = bondcut.compress(model, config, tokenizer=tokenizer)
     joint = report.joint
     assert joint["predicted_bytes"] <= target
-    assert joint["embedding_bits"] in (8, 4)  # the only way to get under 430 MB
+    assert joint["embedding_bits"] in (8, 4, "8:0.25,4:0.75")  # the only ways to get under 430 MB
     search = report.plan["search"]
+    assert set(search["embedding_kl"]) == {"8", "4", "8:0.25,4:0.75"}  # the tiers priced beside the widths
+    json.loads(json.dumps(report.to_dict(), sort_keys=True))  # the report saves (keys of one type)
     by_group = search["predicted_kl_by_group_size"]  # one plan per group size, the least KL wins
     assert set(by_group) == {32, 128} and joint["group_size"] == min(by_group, key=by_group.get)
     starts = search["starts"]  # the knapsack's plan and every uniform plan that fits (int8 does not), measured

@@ -416,7 +416,7 @@ def allocate_joint(
                             config.search_evaluations, on_eval=on_eval, **measure)  # fmt: skip
     plan.plan.search["starts"] = starts
     plan.plan.search["profile"] = source
-    plan.plan.search["embedding_kl"] = kls
+    plan.plan.search["embedding_kl"] = {str(k): v for k, v in kls.items()}  # JSON keys: widths and tiers alike
     plan.plan.search["deletion_order"] = {"blocks": order, "kl": deletion_kls}
     plan.plan.search["predicted_kl_by_group_size"] = by_group
     plan.plan.search["rounding_weight"] = config.rounding_weight
