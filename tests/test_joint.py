@@ -423,6 +423,19 @@ def test_row_tiers_are_priced_and_packed_as_the_search_measures_them(trained_mod
 
 
 def test_row_tiers_need_the_joint_search_and_whole_bytes():
+    from bondcut.cli import _parse_tiers
+    from bondcut.quant.tiers import DEFAULT_TIERS
+
+    assert bondcut.CompressConfig(target_bytes=10**8).embedding_tiers == DEFAULT_TIERS  # offered unless told not to
+    assert bondcut.CompressConfig(ratio=0.5).embedding_tiers == ()
+    assert bondcut.CompressConfig(target_bytes=10**8, embedding_tiers=()).embedding_tiers == ()
+    only_whole_bytes = bondcut.CompressConfig(target_bytes=10**8, group_sizes=(36,), joint_bits=(4,))
+    assert only_whole_bytes.embedding_tiers == ("8:0.1,4:0.9",)  # 3-bit rows need groups of 8s
+    assert (
+        _parse_tiers(None) is None
+        and _parse_tiers(["none"]) == ()
+        and _parse_tiers(["8:0.5,4:0.5"]) == ("8:0.5,4:0.5",)
+    )
     with pytest.raises(ValueError, match="embedding_tiers applies to the joint search"):
         bondcut.CompressConfig(ratio=0.5, embedding_tiers=("8:0.1,4:0.9",))
     with pytest.raises(ValueError, match="sum to 1"):

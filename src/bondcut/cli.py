@@ -39,6 +39,13 @@ def _parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
     return values
 
 
+def _parse_tiers(options: list[str] | None) -> tuple[str, ...] | None:
+    """--embedding-tiers as given: None (not given: the default tiers), 'none' (no tiers), or the tiers listed."""
+    if options is None:
+        return None
+    return () if [o.lower() for o in options] == ["none"] else tuple(options)
+
+
 def _parse_group_sizes(text: str) -> tuple[int, ...]:
     return _parse_int_list(text, "--group-sizes", "32,64,128")
 
@@ -130,7 +137,8 @@ def compress(
         list[str] | None,
         typer.Option(
             help="with --target-bytes: row tiers the search may also give a tied embedding (bits:share, the rows "
-            "used most first), repeatable, e.g. --embedding-tiers 8:0.1,4:0.4,3:0.5"
+            "used most first), repeatable, e.g. --embedding-tiers 8:0.1,4:0.4,3:0.5; 'none': no tiers "
+            "(default: 8:0.1,4:0.4,3:0.5, 8:0.05,4:0.45,3:0.5 and 8:0.1,4:0.9)"
         ),
     ] = None,  # fmt: skip
     rounding: Annotated[
@@ -180,7 +188,7 @@ def compress(
             max_deleted_blocks=max_deleted_blocks,
             group_sizes=_parse_group_sizes(group_sizes) if target_bytes is not None else (),
             joint_bits=_parse_int_list(bits, "--bits", "8,4,3"),
-            embedding_tiers=tuple(embedding_tiers or ()),
+            embedding_tiers=_parse_tiers(embedding_tiers),
             joint_rounding=rounding,
             joint_rotate=rotate,
             rounding_weight=rounding_weight,

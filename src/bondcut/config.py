@@ -53,7 +53,8 @@ class CompressConfig:
         joint_bits: packed precisions the joint allocator may use; ``group_size``: weights per scale.
         embedding_tiers: with ``target_bytes``: row tiers the joint allocator may also give an embedding tied to
             the LM head, beside ``joint_bits`` (e.g. ``("8:0.1,4:0.4,3:0.5",)``: the tenth of rows used most at 8
-            bits, the rarest half at 3; :mod:`bondcut.quant.tiers`).
+            bits, the rarest half at 3; :mod:`bondcut.quant.tiers`). None: :data:`bondcut.quant.tiers.DEFAULT_TIERS`
+            (those whose widths fill whole bytes in the group sizes tried); ``()``: none.
         group_sizes: with ``target_bytes``: the group sizes the joint allocator tries, one per plan (each packed
             tensor of a plan shares it); the one with the least predicted KL wins. Empty: ``(group_size,)``.
         joint_rounding: how its packed dense matrices and embedding are rounded: "gptq" (activation-aware, on
@@ -92,7 +93,7 @@ class CompressConfig:
     target_bytes: int | str | None = None
     max_deleted_blocks: int = 4
     joint_bits: tuple[int, ...] = (8, 4)
-    embedding_tiers: tuple[str, ...] = ()
+    embedding_tiers: tuple[str, ...] | None = None
     joint_rounding: str = "gptq"
     joint_rotate: bool = False
     rounding_weight: float = 1.0
@@ -124,9 +125,17 @@ class CompressConfig:
             raise ValueError(f"group sizes must be multiples of {multiple} (>= {multiple}) for widths "
                              f"{self.joint_bits}, got group_size={self.group_size}, group_sizes={self.group_sizes}; "
                              "e.g. group_sizes=(32, 64, 128)")  # fmt: skip
-        if self.embedding_tiers:
-            from .quant.tiers import RowTiers
+        from .quant.tiers import DEFAULT_TIERS, RowTiers
 
+        if self.embedding_tiers is None:
+            fits = [
+                t
+                for t in DEFAULT_TIERS
+                if all(g % group_multiple(b) == 0 for b in RowTiers.parse(t).widths for g in self.joint_group_sizes)
+            ]
+            self.embedding_tiers = tuple(fits) if self.target_bytes is not None else ()  # fmt: skip
+        self.embedding_tiers = tuple(self.embedding_tiers)
+        if self.embedding_tiers:
             if self.target_bytes is None:
                 raise ValueError("embedding_tiers applies to the joint search: give target_bytes as well (to pack "
                                  "one model's embedding in tiers: QuantizeConfig(embedding_tiers=...))")  # fmt: skip

@@ -24,6 +24,10 @@ from .packing import BITS, group_dividing, row_group
 
 ROW_MULTIPLE = INT4_ROWS
 
+DEFAULT_TIERS = ("8:0.1,4:0.4,3:0.5", "8:0.05,4:0.45,3:0.5", "8:0.1,4:0.9")
+"""Row tiers the joint search offers a tied embedding unless told otherwise: on SmolLM2-135M's table (rotated GPTQ,
+groups of 64) each lies below the bytes-vs-KL line of the plain widths (bench/results/issue7/row_tiers.json)."""
+
 
 @dataclass(frozen=True)
 class RowTiers:
