@@ -50,7 +50,8 @@ def test_tiers_cover_every_row_once_in_kernel_sized_blocks_most_used_first(rows,
     tiers = RowTiers(tuple((b, s / sum(shares)) for b, s in zip(widths, shares)))
     counts = tiers.counts(rows)
     assert sum(counts) == rows and all(n >= 0 for n in counts)
-    assert all(n % ROW_MULTIPLE == 0 for n in counts[:-1])
+    for i, n in enumerate(counts[:-1]):  # kernel-sized, unless the table ran out of rows (later tiers then empty)
+        assert n % ROW_MULTIPLE == 0 or sum(counts[i + 1 :]) == 0, counts
     usage = torch.rand(rows, generator=torch.Generator().manual_seed(seed))
     tier_of = tiers.assign(usage)
     assert [int((tier_of == t).sum()) for t in range(len(counts))] == counts
