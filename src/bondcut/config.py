@@ -128,19 +128,15 @@ class CompressConfig:
         from .quant.tiers import DEFAULT_TIERS, RowTiers
 
         if self.embedding_tiers is None:
-            fits = [
-                t
-                for t in DEFAULT_TIERS
-                if all(g % group_multiple(b) == 0 for b in RowTiers.parse(t).widths for g in self.joint_group_sizes)
-            ]
-            self.embedding_tiers = tuple(fits) if self.target_bytes is not None else ()  # fmt: skip
+            fits = tuple(t for t in DEFAULT_TIERS if RowTiers.parse(t).fills_whole_bytes(self.joint_group_sizes))
+            self.embedding_tiers = fits if self.target_bytes is not None else ()
         self.embedding_tiers = tuple(self.embedding_tiers)
         if self.embedding_tiers:
             if self.target_bytes is None:
                 raise ValueError("embedding_tiers applies to the joint search: give target_bytes as well (to pack "
                                  "one model's embedding in tiers: QuantizeConfig(embedding_tiers=...))")  # fmt: skip
             for tiers in self.embedding_tiers:
-                if any(g % group_multiple(b) for b in RowTiers.parse(tiers).widths for g in self.joint_group_sizes):
+                if not RowTiers.parse(tiers).fills_whole_bytes(self.joint_group_sizes):
                     raise ValueError(f"row tiers {tiers} need group sizes that fill whole bytes at each width, got "
                                      f"{self.joint_group_sizes}")  # fmt: skip
         if self.group_sizes and self.target_bytes is None:

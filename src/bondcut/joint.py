@@ -3,7 +3,8 @@
 Per SA/MLP matrix the options are every priced (layout, χ) of :mod:`bondcut.candidates` and dense, each stored
 in the model's float dtype or packed at one of the widths asked (8 and 4 by default; 3 and 2 as well,
 :mod:`bondcut.quant`). Per model, the token embedding (and the LM head) is float or packed at one of those widths,
-or, tied to the head, in row tiers (:mod:`bondcut.quant.tiers`: the rows used most at a finer width), and up to ``max_blocks`` decoder blocks may be deleted (LayerChop).
+or, tied to the head, in row tiers (:mod:`bondcut.quant.tiers`: the rows used most at a finer width), and up to
+``max_blocks`` decoder blocks may be deleted (LayerChop).
 
 Predicted damage, in nats of KL to the original per token, adds up:
 - a matrix option: alpha_l * e, with alpha_l fitted to the profile (:mod:`bondcut.allocate`) and e its relative
@@ -237,18 +238,12 @@ def _embedding_prices(
     """The embedding's knapsack item: precision (bits, or row tiers of a tied table) -> (bytes, KL); packed rows
     are cut in the largest group <= ``group_size`` that divides them and fills whole bytes (as
     :func:`bondcut.quant.quantize_model` packs it)."""
-    from .quant.packing import group_dividing
     from .quant.tiers import RowTiers
 
     prices: dict[int | str | None, tuple[int, float]] = {None: (sum(p.numel() for p in tensors) * float_bytes, 0.0)}
-    for precision, kl in kls.items():
-        if isinstance(precision, str):
-            nbytes = sum(RowTiers.parse(precision).nbytes(*p.shape, group_size) for p in tensors)
-        else:
-            nbytes = sum(math.ceil(p.numel() * bytes_per_weight(precision, float_bytes,
-                                                                group_dividing(p.shape[1], group_size, precision)))
-                         for p in tensors)  # fmt: skip
-        prices[precision] = (nbytes, kl)
+    for precision, kl in kls.items():  # one width is a single tier (no tier index)
+        tiers = RowTiers.parse(precision) if isinstance(precision, str) else RowTiers(((precision, 1.0),))
+        prices[precision] = (sum(tiers.nbytes(*p.shape, group_size) for p in tensors), kl)
     return prices
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .kernels import INT4_ROWS
-from .packing import BITS, group_dividing, row_group
+from .packing import BITS, group_dividing, group_multiple, row_group
 
 ROW_MULTIPLE = INT4_ROWS
 
@@ -62,6 +62,10 @@ class RowTiers:
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(b for b, _ in self.tiers)
+
+    def fills_whole_bytes(self, group_sizes: tuple[int, ...]) -> bool:
+        """Whether groups of each of ``group_sizes`` fill whole bytes at every tier's width."""
+        return all(g % group_multiple(b) == 0 for b in self.widths for g in group_sizes)
 
     def counts(self, rows: int) -> list[int]:
         """Rows in each tier out of ``rows``: whole multiples of :data:`ROW_MULTIPLE` (the int4 CPU kernel's), the
