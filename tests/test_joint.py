@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -121,26 +122,30 @@ def test_priced_options_are_a_frontier_with_exact_dense_packing_errors(trained_m
 
 def test_uniform_plans_pack_every_matrix_and_the_embedding_to_one_width_within_the_budget(trained_model):
     """The single-technique rivals of the knapsack's plan: per group size and width, every matrix dense at that
-    width and the embedding too, kept only where the bytes fit (int8 does not fit a budget int4 just fits)."""
+    width and the embedding too or in row tiers, kept only where the bytes fit (int8 does not fit a budget int4
+    just fits; tiers smaller than the int4 table do)."""
     model, _ = trained_model
     weights = {n: model.get_submodule(n).weight.detach() for n in ("model.layers.4.self_attn.o_proj",
                                                                       "model.layers.4.mlp.down_proj")}  # fmt: skip
     candidates = build_candidates(weights, None, ("lowrank",), packing_bits=(8, 4), packing_groups=(64, 128))
     alphas = {n: 1.0 for n in weights}
-    embedding = {None: (4000, 0.0), 8: (1100, 0.01), 4: (600, 0.05)}
+    tiers = "8:0.05,4:0.45,3:0.5"
+    embedding = {None: (4000, 0.0), 8: (1100, 0.01), 4: (600, 0.05), tiers: (550, 0.03)}
     priced = {g: ({n: priced_options(c, 4, g) for n, c in candidates.items()}, embedding) for g in (64, 128)}
     fixed = 1000
     int4_64 = fixed + 600 + sum(math.ceil(w.numel() * 4.5 / 8) for w in weights.values())
     plans = uniform_plans(candidates, alphas, priced, (8, 4), int4_64, fixed, 4)
-    assert [(p.group_size, p.embedding_bits) for p in plans] == [(64, 4), (128, 4)]  # int8 is over budget
-    for plan in plans:
-        assert plan.removed_blocks == [] and plan.plan.method == "uniform-int4" and plan.predicted_bytes <= int4_64
+    assert [(p.group_size, p.embedding_bits) for p in plans] == [(64, 4), (64, tiers), (128, 4), (128, tiers)]
+    for plan in plans:  # int8 matrices are over budget, whatever the embedding
+        assert plan.removed_blocks == [] and plan.predicted_bytes <= int4_64
+        assert plan.plan.method == ("uniform-int4" if plan.embedding_bits == 4 else f"uniform-int4+rows-{tiers}")
         assert {(c.layout, c.bits) for c in plan.plan.layers.values()} == {("dense", 4)}
         errors = {n: priced[plan.group_size][0][n] for n in weights}
         expected = sum(next(o.error for o in errors[n] if (o.layout, o.bits) == ("dense", 4)) for n in weights)
-        assert plan.predicted_kl == pytest.approx(expected + 0.05)
-    assert plans[0].predicted_bytes == int4_64 and plans[1].predicted_bytes < int4_64  # groups of 128 are smaller
-    assert uniform_plans(candidates, alphas, priced, (8, 4), int4_64 - 1, fixed, 4)[0].group_size == 128
+        assert plan.predicted_kl == pytest.approx(expected + embedding[plan.embedding_bits][1])
+    assert plans[0].predicted_bytes == int4_64 and plans[1].predicted_bytes == int4_64 - 50
+    assert plans[2].predicted_bytes < int4_64  # groups of 128 are smaller
+    assert uniform_plans(candidates, alphas, priced, (8, 4), int4_64 - 1, fixed, 4)[0].embedding_bits == tiers
 
 
 def test_three_and_two_bit_packing_are_priced_between_int4_and_low_rank(trained_model):
@@ -249,13 +254,16 @@ def test_target_bytes_compress_fits_the_file_measures_what_it_builds_and_reloads
     search = report.plan["search"]
     assert set(search["embedding_kl"]) == {"8", "4", "8:0.25,4:0.75"}  # the tiers priced beside the widths
     json.loads(json.dumps(report.to_dict(), sort_keys=True))  # the report saves (keys of one type)
-    by_group = search["predicted_kl_by_group_size"]  # one plan per group size, the least KL wins
-    assert set(by_group) == {32, 128} and joint["group_size"] == min(by_group, key=by_group.get)
-    starts = search["starts"]  # the knapsack's plan and every uniform plan that fits (int8 does not), measured
-    assert [(s["method"], s["group_size"]) for s in starts][1:] == [("uniform-int4", 32), ("uniform-int4", 128)]
-    assert starts[0]["method"] == "joint-knapsack"
+    by_group = search["predicted_kl_by_group_size"]  # one knapsack plan per group size, the least KL wins
+    assert set(by_group) == {32, 128}
+    starts = search["starts"]  # the knapsack's plan and every uniform plan that fits, measured
+    assert starts[0]["method"] == "joint-knapsack" and starts[0]["group_size"] == min(by_group, key=by_group.get)
+    uniform = {(s["method"], s["group_size"]) for s in starts[1:]}
+    int4 = {(m, g) for m in ("uniform-int4", "uniform-int4+rows-8:0.25,4:0.75") for g in (32, 128)}
+    assert int4 <= uniform and all(m.startswith("uniform-int8+rows") for m, _ in uniform - int4)  # int8 alone: over
     assert all(s["predicted_bytes"] <= target for s in starts)
     first = min(starts, key=lambda s: s["measured_kl"])  # the search starts from the best measured
+    assert (joint["group_size"], joint["embedding_bits"]) == (first["group_size"], first["embedding_bits"])
     assert search["kl_before"] == pytest.approx(first["measured_kl"], rel=1e-6)
     assert search["rounding_weight"] == 0.3 and report.plan["method"] == f"{first['method']}+search"
     assert search["evaluations"] == 6 and search["kl_after"] <= search["kl_before"]
@@ -420,6 +428,14 @@ def test_row_tiers_are_priced_and_packed_as_the_search_measures_them(trained_mod
         torch.testing.assert_close(
             embedding(ids).view(table.shape), rounding.table(table, tiers, 64), rtol=0, atol=1e-6
         )
+    # a plan carries the ranking it was measured with, and packing keeps it (the compressed model would rank
+    # rows the corpus never holds by its own predictions); the saved plan leaves it out
+    reversed_usage = -usage
+    plan = replace(_hand_plan({}, [], tiers), row_usage=reversed_usage)
+    assert "row_usage" not in plan.to_dict() and JointPlan.from_dict(plan.to_dict()).row_usage is None
+    packed = copy.deepcopy(model)
+    apply_storage(packed, plan, "rtn")  # no tokenizer needed: nothing is counted
+    assert torch.equal(packed.get_input_embeddings().row_tier, RowTiers.parse(tiers).assign(reversed_usage))
 
 
 def test_row_tiers_need_the_joint_search_and_whole_bytes():

@@ -111,6 +111,9 @@ def compress(
     ] = None,  # fmt: skip
     profile_tokens: Annotated[int, typer.Option(help="calibration tokens per profile evaluation")] = 512,
     search: Annotated[int, typer.Option(help="refine the plan with N real evaluations (EvoPress-style; 0 = off)")] = 0,
+    search_tokens: Annotated[
+        int, typer.Option(help="unseen calibration tokens each search evaluation measures KL on (more: less noise)")
+    ] = 1024,
     target_bytes: Annotated[
         str | None,
         typer.Option(
@@ -196,7 +199,7 @@ def compress(
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
             exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens, allocation=allocation,
             ratio_of=ratio_of, profile=None if profile is None else str(profile), profile_tokens=profile_tokens,
-            search_evaluations=search, refit_tokens=refit_tokens,
+            search_evaluations=search, search_tokens=search_tokens, refit_tokens=refit_tokens,
         )  # fmt: skip
     except ValueError as err:
         _fail(str(err))

@@ -111,9 +111,12 @@ class JointPlan:
     predicted_kl: float
     group_size: int
     by_deletions: list[dict] = field(default_factory=list)  # k -> predicted KL and bytes, the outer search
+    row_usage: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    """How row tiers ranked the embedding's rows when the plan was measured (packing ranks them alike); not saved."""
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "plan": self.plan.to_dict()}
+        data = {k: v for k, v in asdict(replace(self, row_usage=None)).items() if k != "row_usage"}
+        return {**data, "plan": self.plan.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> JointPlan:
@@ -323,24 +326,28 @@ def uniform_plans(
     fixed_bytes: int,
     float_bytes: int,
 ) -> list[JointPlan]:
-    """The single-technique plans within ``budget``: every matrix dense and the embedding packed to one width in
-    one group size, no block deleted (what ``bondcut quantize --bits b`` stores). ``priced``: group size ->
-    (each matrix's priced options, the embedding's bits -> (bytes, KL)). Where a smaller option has less error
-    than a packed dense matrix (the frontier drops it), the largest option within its bytes stands in."""
+    """The single-technique plans within ``budget``: every matrix dense and packed to one width in one group size,
+    no block deleted, the embedding at that width or in any of its row tiers (what ``bondcut quantize --bits b
+    [--embedding-tiers T]`` stores). ``priced``: group size -> (each matrix's priced options, the embedding's
+    precision -> (bytes, KL)). Where a smaller option has less error than a packed dense matrix (the frontier
+    drops it), the largest option within its bytes stands in."""
     plans = []
     for group, (options, embedding) in priced.items():
+        tiers = [p for p in embedding if isinstance(p, str)]
         for b in bits:
             chosen = {}
             for name, entry in candidates.items():
                 dense = next(o for o in entry.options if o.layout == "dense")
                 limit = packed_bytes(entry, dense, b, group, float_bytes)
                 chosen[name] = max((o for o in options[name] if o.nbytes <= limit), key=lambda o: o.nbytes)
-            used = fixed_bytes + sum(o.nbytes for o in chosen.values()) + embedding[b][0]
-            if used > budget:
-                continue
-            kl = sum(alphas[n] * o.error for n, o in chosen.items()) + embedding[b][1]
-            stats = {"predicted_kl": kl, "bytes": used, "trials": []}
-            plans.append(joint_plan(candidates, alphas, chosen, [], b, budget, group, stats, f"uniform-int{b}"))
+            for precision in (b, *tiers):
+                used = fixed_bytes + sum(o.nbytes for o in chosen.values()) + embedding[precision][0]
+                if used > budget:
+                    continue
+                kl = sum(alphas[n] * o.error for n, o in chosen.items()) + embedding[precision][1]
+                stats = {"predicted_kl": kl, "bytes": used, "trials": []}
+                method = f"uniform-int{b}" + ("" if precision == b else f"+rows-{precision}")
+                plans.append(joint_plan(candidates, alphas, chosen, [], precision, budget, group, stats, method))
     return plans
 
 
@@ -415,7 +422,7 @@ def allocate_joint(
     plan.plan.search["deletion_order"] = {"blocks": order, "kl": deletion_kls}
     plan.plan.search["predicted_kl_by_group_size"] = by_group
     plan.plan.search["rounding_weight"] = config.rounding_weight
-    return plan
+    return replace(plan, row_usage=usage)
 
 
 def embedding_precisions(model: nn.Module, tokenizer, config) -> tuple[tuple[int | str, ...], torch.Tensor | None]:
@@ -590,20 +597,23 @@ def apply_storage(
         packing["layers"] = {renamed[n]: b for n, b in packing["layers"].items() if renamed[n] is not None}
         remove_blocks(model, plan.removed_blocks)
     if not defer_packing:
-        apply_packing(model, packing, tokenizer, calibration_tokens)
+        apply_packing(model, packing, tokenizer, calibration_tokens, plan.row_usage)
     return packing
 
 
-def apply_packing(model: nn.Module, packing: dict, tokenizer=None, calibration_tokens: int = 16384) -> None:
+def apply_packing(model: nn.Module, packing: dict, tokenizer=None, calibration_tokens: int = 16384,
+                  row_usage: torch.Tensor | None = None) -> None:  # fmt: skip
     """Pack, in place, the matrices and embedding that ``packing`` (from :func:`packing_of`) names, to its bits.
 
-    GPTQ rounding collects the statistics of every packed dense matrix and of the head in one calibration pass."""
+    GPTQ rounding collects the statistics of every packed dense matrix and of the head in one calibration pass.
+    Row tiers rank the rows by ``row_usage`` (the search's ranking, :attr:`JointPlan.row_usage`; None: ranked
+    afresh on ``model``, as after healing)."""
     from .quant import QuantizeConfig, quantize_model
     from .quant.apply import gram_matrices
     from .quant.tiers import RowTiers
 
     packed, rounding, embedding = packing["layers"], packing["rounding"], packing["embedding_bits"]
-    if (rounding == "gptq" or isinstance(embedding, str)) and tokenizer is None:
+    if (rounding == "gptq" or (isinstance(embedding, str) and row_usage is None)) and tokenizer is None:
         raise ValueError("GPTQ packing and row tiers need calibration text: pass the tokenizer")
     settings = dict(group_size=packing["group_size"], method=rounding, calibration_tokens=calibration_tokens,
                     rotate=packing.get("rotate", False))  # fmt: skip
@@ -617,7 +627,7 @@ def apply_packing(model: nn.Module, packing: dict, tokenizer=None, calibration_t
     if isinstance(embedding, str):  # row tiers, ranked on the corpus as the search ranked them
         tiers = QuantizeConfig(**settings, bits=max(RowTiers.parse(embedding).widths), linear=False,
                                embedding_tiers=embedding)  # fmt: skip
-        quantize_model(model, tiers, tokenizer=tokenizer, grams=grams)
+        quantize_model(model, tiers, tokenizer=tokenizer, grams=grams, usage=row_usage)
     elif embedding is not None:
         quantize_model(model, QuantizeConfig(**settings, bits=embedding, linear=False), grams=grams)
 
