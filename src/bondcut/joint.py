@@ -340,12 +340,13 @@ def uniform_plans(
                 dense = next(o for o in entry.options if o.layout == "dense")
                 limit = packed_bytes(entry, dense, b, group, float_bytes)
                 chosen[name] = max((o for o in options[name] if o.nbytes <= limit), key=lambda o: o.nbytes)
+            matrix_bytes = fixed_bytes + sum(o.nbytes for o in chosen.values())
+            matrix_kl = sum(alphas[n] * o.error for n, o in chosen.items())
             for precision in (b, *tiers):
-                used = fixed_bytes + sum(o.nbytes for o in chosen.values()) + embedding[precision][0]
+                used = matrix_bytes + embedding[precision][0]
                 if used > budget:
                     continue
-                kl = sum(alphas[n] * o.error for n, o in chosen.items()) + embedding[precision][1]
-                stats = {"predicted_kl": kl, "bytes": used, "trials": []}
+                stats = {"predicted_kl": matrix_kl + embedding[precision][1], "bytes": used, "trials": []}
                 method = f"uniform-int{b}" + ("" if precision == b else f"+rows-{precision}")
                 plans.append(joint_plan(candidates, alphas, chosen, [], precision, budget, group, stats, method))
     return plans
