@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import bondcut
 from bondcut.cli import app
 from bondcut.quant import QuantEmbedding, QuantizeConfig, QuantLinear, QuantMPOLinear, TiedQuantHead, quantize_model
+from bondcut.quant.dense_cache import dequantize_once
 from bondcut.quant.kernels import kernel_available, packed_kernels
 from bondcut.quant.packing import PER_ROW, dequantize, quantize, row_group
 from bondcut.sizes import directory_weight_bytes
@@ -39,6 +40,34 @@ def test_quant_linear_equals_a_dense_layer_with_the_dequantized_weight(trained_m
     x = torch.randn(3, 5, layer.in_features)
     with packed_kernels(False):
         assert torch.allclose(quant(x), torch.nn.functional.linear(x, dequantize(packed)), atol=1e-6)
+
+
+def test_dequantize_once_reuses_exact_weights_until_they_change(trained_model, monkeypatch):
+    """Within dequantize_once: the same outputs as dequantizing per call, one dequantization per weight version
+    (an in-place change to the scales is seen), none kept under gradient or after the block."""
+    model, _ = trained_model
+    layer = model.model.layers[2].self_attn.q_proj
+    quant = QuantLinear(quantize(layer.weight, 4, 64), None)
+    calls = []
+    dequantizing = QuantLinear.weight_values
+    monkeypatch.setattr(QuantLinear, "weight_values", lambda self: calls.append(1) or dequantizing(self))
+    x = torch.randn(2, 3, layer.in_features)
+    with packed_kernels(False), torch.no_grad():
+        per_call = [quant(x), quant(x)]
+        assert len(calls) == 2
+        with dequantize_once():
+            once = [quant(x), quant(x)]
+            assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(once, per_call))
+            quant.scale.mul_(2)  # healing's optimizer step changes scales in place
+            changed = quant(x)
+            assert len(calls) == 4 and not torch.equal(changed, once[0])
+            assert torch.equal(changed, torch.nn.functional.linear(x, dequantizing(quant)))
+        quant(x)
+        assert len(calls) == 5  # the block's cache is gone
+    with packed_kernels(False), dequantize_once():
+        quant(x.requires_grad_(True))
+        quant(x)
+        assert len(calls) == 7  # under gradient every call dequantizes
 
 
 @pytest.mark.parametrize("bits, group_size", [(4, 64), (8, PER_ROW)])

@@ -226,10 +226,12 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, targe
 def _quality(model: nn.Module, tokenizer, config: CompareConfig, tasks: bool) -> dict:
     from .evaluate import PROMPTS, generate_greedy
     from .perplexity import heldout_perplexity
+    from .quant.dense_cache import dequantize_once
     from .quant.kernels import packed_kernels
     from .zeroshot import zero_shot
 
-    with packed_kernels(False):  # the stored model's quality: exact dequantization (kernels are for speed)
+    # the stored model's quality: exact dequantization (kernels are for speed), once per weight for all three
+    with packed_kernels(False), dequantize_once():
         ppl = heldout_perplexity(model, tokenizer, max_tokens=config.eval_tokens)
         out = {"perplexity": ppl.to_dict()}
         if tasks:

@@ -13,6 +13,7 @@ import torch
 
 from .corpus import split_text
 from .perplexity import perplexity
+from .quant.dense_cache import dequantize_once
 from .zeroshot import check_limit, check_tasks, zero_shot
 
 PROMPTS = (
@@ -41,7 +42,7 @@ def generate_greedy(model, tokenizer, prompts: tuple[str, ...] = PROMPTS, max_ne
     out = {}
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
+        with torch.no_grad(), dequantize_once():  # packed weights dequantized once, not for every token
             tokens = model.generate(
                 ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
             )

@@ -103,6 +103,8 @@ def perplexity(
     import torch
     import torch.nn.functional as F
 
+    from .quant.dense_cache import dequantize_once
+
     _validate(model, context, stride, max_tokens, batch_size)
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]  # (N,)
     if max_tokens is not None:
@@ -117,7 +119,7 @@ def perplexity(
     model.eval()
     nll_sum, scored, done = 0.0, 0, 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), dequantize_once():  # packed weights dequantized once, not for every window
             for group in _batches(spans, batch_size):
                 n_new = group[0][1] - group[0][2]  # tokens scored per window
                 batch = torch.stack([ids[begin:end] for begin, end, _ in group]).to(device)  # (B, L)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..mpo import Sites, contract, cores_to_dense, plan_contraction
+from .dense_cache import exact_weight
 from .kernels import kernel_applies, kernel_linear
 from .memo import VersionMemo
 from .packing import PackedTensor, dequantize, dequantize_groups, storage_shapes
@@ -117,10 +118,10 @@ def dequantized_rows(module: nn.Module, shape: tuple[int, int], index: torch.Ten
 
 def packed_product(module: nn.Module, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """x @ W^T for ``module``'s packed (out x in) weight: through the CPU kernel where it applies, else by
-    dequantizing W for this call."""
+    dequantizing W (once per :func:`~bondcut.quant.dense_cache.dequantize_once` block)."""
     if kernel_applies(module, shape, x):
         return kernel_linear(x, module, shape)
-    return F.linear(x, module.weight_values().to(x.dtype))
+    return F.linear(x, exact_weight(module).to(x.dtype))
 
 
 def rotation_of(layout: dict) -> tuple[int, int] | None:

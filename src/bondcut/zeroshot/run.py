@@ -41,4 +41,7 @@ def zero_shot(
         from ._lmeval import run_tasks
     except ImportError as err:
         raise ImportError(f"zero-shot tasks need lm-evaluation-harness: pip install lm-eval==0.4.13 ({err})") from err
-    return run_tasks(model, tokenizer, names, task_dir(), limit=limit, batch_size=batch_size, on_request=on_request)
+    from ..quant.dense_cache import dequantize_once
+
+    with dequantize_once():  # packed weights dequantized once, not for every batch of requests
+        return run_tasks(model, tokenizer, names, task_dir(), limit=limit, batch_size=batch_size, on_request=on_request)
