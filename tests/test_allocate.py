@@ -102,7 +102,8 @@ def test_cli_compress_with_ratio_prints_and_saves_the_plan(tmp_path):
 
     out = tmp_path / "m"
     args = ["compress", "smollm2-135m", "--ratio", "0.4", "--include", "re:layers\\.2\\.mlp\\.", "--calib-tokens", "512",
-            "--profile-tokens", "128", "--profile", str(tmp_path / "p.json"), "--search", "2", "--search-tokens", "256", "--out", str(out)]  # fmt: skip
+            "--profile-tokens", "128", "--profile", str(tmp_path / "p.json"), "--search", "2", "--search-tokens", "256",
+            "--search-objective", "nll", "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (
@@ -111,7 +112,11 @@ def test_cli_compress_with_ratio_prints_and_saves_the_plan(tmp_path):
         and "allocated per matrix" in result.output
     )
     report = json.loads((out / "bondcut_report.json").read_text())
-    assert report["plan"]["search"]["evaluations"] == 2 and report["plan"]["search"]["tokens"] == 256
+    search = report["plan"]["search"]
+    assert search["evaluations"] == 2 and search["tokens"] == 256 and search["objective"] == "nll"
+    assert search["loss_after"] <= search["loss_before"] and "search (nll)" in " ".join(result.output.split())
     assert report["target_params_after"] <= 0.4 * report["target_params_before"]
     bad = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "n"), "--allocation", "best"])
     assert bad.exit_code == 2 and "allocation must be 'profile' or 'uniform'" in bad.output
+    bad = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "n"), "--search-objective", "ppl"])
+    assert bad.exit_code == 2 and "search_objective must be one of ('kl', 'nll')" in " ".join(bad.output.split())

@@ -261,7 +261,7 @@ def test_target_bytes_compress_fits_the_file_measures_what_it_builds_and_reloads
     uniform = {(s["method"], s["group_size"]) for s in starts[1:]}
     int4 = {(m, g) for m in ("uniform-int4", "uniform-int4+rows-8:0.25,4:0.75") for g in (32, 128)}
     assert int4 <= uniform and all(m.startswith("uniform-int8+rows") for m, _ in uniform - int4)  # int8 alone: over
-    assert all(s["predicted_bytes"] <= target for s in starts)
+    assert all(s["predicted_bytes"] <= target and s["measured_nll"] > 0 for s in starts)  # both measures recorded
     first = min(starts, key=lambda s: s["measured_kl"])  # the search starts from the best measured
     assert (joint["group_size"], joint["embedding_bits"]) == (first["group_size"], first["embedding_bits"])
     assert search["kl_before"] == pytest.approx(first["measured_kl"], rel=1e-6)

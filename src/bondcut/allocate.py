@@ -179,7 +179,7 @@ def allocate(
         from .search import refine
 
         plan = refine(model, tokenizer, plan, candidates, alphas, evaluations=config.search_evaluations,
-                      tokens=config.search_tokens,
+                      tokens=config.search_tokens, objective=config.search_objective,
                       on_eval=None if on_progress is None else lambda i, n: on_progress("search", i, n))  # fmt: skip
     log.info("plan: %s params of %s (budget %s), predicted loss +%.4f", plan.params, plan.dense_params, budget,
              plan.predicted_loss)  # fmt: skip

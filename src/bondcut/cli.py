@@ -114,6 +114,10 @@ def compress(
     search_tokens: Annotated[
         int, typer.Option(help="unseen calibration tokens each search evaluation measures KL on (more: less noise)")
     ] = 1024,
+    search_objective: Annotated[
+        str,
+        typer.Option(help="what the search minimizes: 'kl' (to the original) or 'nll' (of the text: log perplexity)"),
+    ] = "kl",
     target_bytes: Annotated[
         str | None,
         typer.Option(
@@ -199,7 +203,8 @@ def compress(
             chi=chi, ratio=ratio, tol=tol, sites=_parse_sites(sites), include=include,
             exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens, allocation=allocation,
             ratio_of=ratio_of, profile=None if profile is None else str(profile), profile_tokens=profile_tokens,
-            search_evaluations=search, search_tokens=search_tokens, refit_tokens=refit_tokens,
+            search_evaluations=search, search_tokens=search_tokens, search_objective=search_objective,
+            refit_tokens=refit_tokens,
         )  # fmt: skip
     except ValueError as err:
         _fail(str(err))
@@ -258,8 +263,9 @@ def plan_summary(plan: dict) -> str:
     line = f"allocation ({parsed.method}): {parsed.params:,} of {parsed.dense_params:,} SA+MLP weights kept"
     search = parsed.search
     if "loss_after" in search:
-        line += (f"; search: {search['evaluations']} evaluations, KL to the original {search['kl_before']:.4f} -> "
-                 f"{search['kl_after']:.4f}, calibration loss {search['loss_before']:.4f} -> {search['loss_after']:.4f}")  # fmt: skip
+        line += (f"; search ({search.get('objective', 'kl')}): {search['evaluations']} evaluations, KL to the original "
+                 f"{search['kl_before']:.4f} -> {search['kl_after']:.4f}, calibration loss {search['loss_before']:.4f} -> "
+                 f"{search['loss_after']:.4f}")  # fmt: skip
     return line
 
 

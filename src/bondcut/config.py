@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+OBJECTIVES = ("kl", "nll")  # what a search may minimize on its calibration text: KL to the original, NLL of the text
+
 DEFAULT_CALIBRATION_TOKENS = 16384  # input statistics for activation-aware allocation
 
 SitesSpec = int | str | Sequence[Sequence[int]] | None
@@ -45,6 +47,8 @@ class CompressConfig:
         search_evaluations: budget of real evaluations to refine the profile plan, or the joint plan of
             ``target_bytes`` (0 = none).
         search_tokens: calibration tokens per search evaluation.
+        search_objective: what the search minimizes on them: "kl" (KL divergence to the original, the default) or
+            "nll" (the text's negative log-likelihood: log perplexity); the joint search's starts are chosen by it too.
         target_bytes: instead of ``ratio``: bytes the weights may take on disk (an int, '60MB', or a share of the
             model's fp32 weights such as '10%', 4 bytes per parameter); the joint allocator
             (:mod:`bondcut.joint`) then chooses per matrix layout, chi and packed precision (float, int8, int4),
@@ -90,6 +94,7 @@ class CompressConfig:
     profile_fractions: tuple[float, ...] = (0.1, 0.3)
     search_evaluations: int = 0
     search_tokens: int = 1024
+    search_objective: str = "kl"
     target_bytes: int | str | None = None
     max_deleted_blocks: int = 4
     joint_bits: tuple[int, ...] = (8, 4)
@@ -176,6 +181,8 @@ class CompressConfig:
                              f"got {self.sites!r}; or use allocation='uniform'")  # fmt: skip
         if self.search_evaluations < 0 or self.profile_tokens < 1 or self.search_tokens < 1:
             raise ValueError("search_evaluations must be >= 0 and profile_tokens, search_tokens >= 1")
+        if self.search_objective not in OBJECTIVES:
+            raise ValueError(f"search_objective must be one of {OBJECTIVES}, got {self.search_objective!r}")
         if self.calibration_tokens < 0 or self.damping < 0:
             raise ValueError(
                 f"calibration_tokens and damping must be >= 0, got {self.calibration_tokens}, {self.damping}"

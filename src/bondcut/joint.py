@@ -411,7 +411,7 @@ def allocate_joint(
     plan = joint_plan(candidates, alphas, chosen, gone, bits, budget, group, stats)
     starts = []
     if config.search_evaluations:
-        measure = dict(tokens=config.search_tokens, rounding=rounding)
+        measure = dict(tokens=config.search_tokens, rounding=rounding, objective=config.search_objective)
         rivals = uniform_plans(candidates, alphas, priced, tuple(config.joint_bits), budget, fixed_bytes, float_bytes)
         plan, starts = best_measured_start(model, tokenizer, [plan, *rivals], candidates, priced, **measure)
         on_eval = None if on_progress is None else lambda i, n: on_progress("search", i, n)
@@ -488,26 +488,29 @@ def best_measured_start(
     tokens: int = 1024,
     context: int = 512,
     rounding: EmbeddingRounding = EmbeddingRounding(),
+    objective: str = "kl",
 ) -> tuple[JointPlan, list[dict]]:
-    """Of the knapsack's plan and its single-technique rivals (:func:`uniform_plans`), the one with the least KL
-    measured as :func:`refine_joint` measures (so the search never starts below, nor returns, a plan measured
-    worse than uniform packing); with each one's figures. One plan alone is returned unmeasured."""
+    """Of the knapsack's plan and its single-technique rivals (:func:`uniform_plans`), the one with the least
+    ``objective`` (KL to the original, or NLL of the text) measured as :func:`refine_joint` measures (so the search
+    never starts below, nor returns, a plan measured worse than uniform packing); with each one's figures (both
+    measures). One plan alone is returned unmeasured."""
     if len(plans) == 1:
         return plans[0], []
     starts = []
     for plan in plans:
         search, level, budget = _joint_search(model, tokenizer, plan, candidates, priced[plan.group_size][0],
                                               tokens, context, rounding)  # fmt: skip
-        kl = search.run(level, budget, 0)[2].kl
+        score = search.run(level, budget, 0)[2]
         starts.append({"method": plan.plan.method, "group_size": plan.group_size, "embedding_bits": plan.embedding_bits,
-                       "predicted_kl": plan.predicted_kl, "predicted_bytes": plan.predicted_bytes, "measured_kl": kl})  # fmt: skip
-    best = min(range(len(plans)), key=lambda i: starts[i]["measured_kl"])
+                       "predicted_kl": plan.predicted_kl, "predicted_bytes": plan.predicted_bytes,
+                       "measured_kl": score.kl, "measured_nll": score.loss})  # fmt: skip
+    best = min(range(len(plans)), key=lambda i: starts[i][f"measured_{objective}"])
     return plans[best], starts
 
 
 def _joint_search(model: nn.Module, tokenizer, joint: JointPlan, candidates: dict[str, MatrixCandidates],
                   options: dict[str, list[Option]], tokens: int, context: int,
-                  rounding: EmbeddingRounding):  # fmt: skip
+                  rounding: EmbeddingRounding, objective: str = "kl"):  # fmt: skip
     """The evolutionary search over ``joint``'s matrices (sizes in bytes, measured as packed on unseen calibration
     text), with the plan's levels on each matrix's ladder and the bytes the matrices may take."""
     from .calibration import unseen_calibration_windows
@@ -523,7 +526,7 @@ def _joint_search(model: nn.Module, tokenizer, joint: JointPlan, candidates: dic
     budget = spent + joint.budget_bytes - joint.predicted_bytes  # the matrices may use the plan's slack too
     windows = unseen_calibration_windows(tokenizer, tokens, min(context, tokens))
     prepare = _measured_storage(model, joint.embedding_bits, joint.group_size, joint.removed_blocks, rounding)
-    search = Evolution(model, windows, candidates, ladders, lambda o: o.nbytes, joint.group_size, prepare)
+    search = Evolution(model, windows, candidates, ladders, lambda o: o.nbytes, joint.group_size, prepare, objective)
     return search, level, budget
 
 
@@ -540,6 +543,7 @@ def refine_joint(
     rounding: EmbeddingRounding = EmbeddingRounding(),
     seed: int = 0,
     on_eval: Callable[[int, int], None] | None = None,
+    objective: str = "kl",
 ) -> JointPlan:
     """The knapsack's plan refined on real evaluations (:class:`bondcut.search.Evolution`, sizes in bytes): each
     matrix moves along its priced options (``options``, every precision) while the bytes of the matrices stay
@@ -547,10 +551,12 @@ def refine_joint(
     take part in every measurement; dense matrices and the embedding are measured as their packing stores them (the
     embedding as ``rounding`` rounds it), MPO cores rounded to nearest, on calibration text the statistics
     behind those choices have not seen (measured on the text they were fitted to, fitted options look better than
-    they are on other text). The result's measured KL to the original is at most the knapsack plan's."""
+    they are on other text). The result's measured ``objective`` (KL to the original, or the text's NLL) is at
+    most the starting plan's."""
     began = time.perf_counter()
     names = list(joint.plan.layers)
-    search, level, budget = _joint_search(model, tokenizer, joint, candidates, options, tokens, context, rounding)
+    search, level, budget = _joint_search(model, tokenizer, joint, candidates, options, tokens, context, rounding,
+                                          objective)  # fmt: skip
     spent = sum(options[n][level[n]].nbytes for n in names)
     level, accepted, start, parent = search.run(level, budget, evaluations, seed=seed, on_eval=on_eval)
     chosen = {n: options[n][level[n]] for n in names}
@@ -559,8 +565,8 @@ def refine_joint(
     old = sum(c.predicted for c in joint.plan.layers.values())
     predicted = joint.predicted_kl - old + sum(c.predicted for c in layers.values())  # embedding, deletions stay
     stats = {**joint.plan.search, "evaluations": evaluations, "accepted": accepted, "tokens": tokens,
-             "kl_before": start.kl, "kl_after": parent.kl, "loss_before": start.loss, "loss_after": parent.loss,
-             "seconds": time.perf_counter() - began}  # fmt: skip
+             "objective": objective, "kl_before": start.kl, "kl_after": parent.kl, "loss_before": start.loss,
+             "loss_after": parent.loss, "seconds": time.perf_counter() - began}  # fmt: skip
     plan = Plan(layers=layers, budget=joint.budget_bytes, method=f"{joint.plan.method}+search", search=stats,
                 predicted_loss=predicted)  # fmt: skip
     return replace(joint, plan=plan, predicted_bytes=used, predicted_kl=predicted)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import OBJECTIVES
 from .divergence import kl_per_position
 
 
@@ -25,6 +26,12 @@ class Score:
 
     loss: float
     kl: float
+
+    def value(self, objective: str) -> float:
+        """What a search minimizes: ``"kl"`` (to the original) or ``"nll"`` (of the text: log perplexity)."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"search objective must be one of {OBJECTIVES}, got {objective!r}")
+        return self.kl if objective == "kl" else self.loss
 
 
 def block_list(model: nn.Module, target_names: Sequence[str]) -> tuple[nn.ModuleList, re.Pattern]:

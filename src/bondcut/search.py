@@ -45,17 +45,19 @@ def refine(
     offspring: int = 4,
     seed: int = 0,
     on_eval: Callable[[int, int], None] | None = None,
+    objective: str = "kl",
 ) -> Plan:
-    """A plan at most ``plan.budget`` params whose measured KL to the original is <= the starting plan's."""
+    """A plan at most ``plan.budget`` params whose measured ``objective`` (KL to the original, or NLL of the
+    text) is <= the starting plan's."""
     began = time.perf_counter()
     names = list(plan.layers)
     ladders = {n: efficient_options(candidates[n]) for n in names}
     level = {n: _level_of(ladders[n], plan.layers[n]) for n in names}
     windows = calibration_windows(tokenizer, tokens, min(context, tokens))
-    search = Evolution(model, windows, candidates, ladders, lambda o: o.params)
+    search = Evolution(model, windows, candidates, ladders, lambda o: o.params, objective=objective)
     level, accepted, start, parent = search.run(level, plan.budget, evaluations, offspring, seed, on_eval)
     layers = {n: choice_of(candidates[n], ladders[n][level[n]], alphas[n]) for n in names}
-    stats = {**plan.search, "evaluations": evaluations, "accepted": accepted, "tokens": tokens,
+    stats = {**plan.search, "evaluations": evaluations, "accepted": accepted, "tokens": tokens, "objective": objective,
              "kl_before": start.kl, "kl_after": parent.kl,
              "loss_before": start.loss, "loss_after": parent.loss, "seconds": time.perf_counter() - began}  # fmt: skip
     return Plan(layers=layers, budget=plan.budget, method=f"{plan.method}+search", search=stats,
@@ -68,6 +70,7 @@ class Evolution:
     ``size`` prices an option against the budget (parameters, or bytes for the joint plan); ``group_size`` is
     the packing's, for options with bits. ``prepare(replay)`` may change the model around the matrices (the
     joint plan's deleted blocks and rounded embedding) after the original's distributions are recorded.
+    ``objective`` is what a mutant must lower to replace its parent: ``"kl"`` (to the original) or ``"nll"``.
     """
 
     def __init__(
@@ -79,13 +82,15 @@ class Evolution:
         size: Callable[[Option], int],
         group_size: int = 64,
         prepare: Callable[[BlockReplay], Callable[[], None]] | None = None,
+        objective: str = "kl",
     ) -> None:
+        Score(0.0, 0.0).value(objective)  # an unknown objective fails here, before any measurement
         self.model, self.windows, self.candidates, self.ladders = model, windows, candidates, ladders
-        self.size, self.group_size, self.prepare = size, group_size, prepare
+        self.size, self.group_size, self.prepare, self.objective = size, group_size, prepare, objective
 
     def run(self, level: dict[str, int], budget: int, evaluations: int, offspring: int = 4, seed: int = 0,
             on_eval: Callable[[int, int], None] | None = None) -> tuple[dict[str, int], int, Score, Score]:  # fmt: skip
-        """Levels at most ``budget`` in size whose measured KL is <= the starting ones'; with the number of
+        """Levels at most ``budget`` in size whose measured objective is <= the starting ones'; with the number of
         accepted generations and the scores at the start and the end. The model is left as it was."""
         rng = random.Random(seed)
         names = list(level)
@@ -110,13 +115,13 @@ class Evolution:
                         continue
                     changed = [n for n in names if child[n] != level[n]]
                     self._apply(stand_ins, child, changed)
-                    kl = runner.score(min(runner.block_of(n) for n in changed)).kl
+                    value = runner.score(min(runner.block_of(n) for n in changed)).value(self.objective)
                     self._apply(stand_ins, level, changed)
-                    if best is None or kl < best[0]:
-                        best = (kl, child, changed)
+                    if best is None or value < best[0]:
+                        best = (value, child, changed)
                     if on_eval is not None:
                         on_eval(done, evaluations)
-                if best is not None and best[0] < parent.kl:
+                if best is not None and best[0] < parent.value(self.objective):
                     self._apply(stand_ins, best[1], best[2])
                     level, accepted = best[1], accepted + 1
                     parent = runner.record()
