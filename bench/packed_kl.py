@@ -1,7 +1,8 @@
 """KL to the original per token of saved (packed, compressed) models, on unseen calibration text and held-out text.
 
-Perplexity scores a model against the text; the joint search minimizes KL to the original. This measures the
-second on the models a search produced, to check what the search measured (its 1,024 tokens) against more text,
+Perplexity scores a model against the text; the joint search minimizes KL to the original. This measures both
+(KL, and the NLL of the text per token: log perplexity, over whole windows without a stride) on the models a search
+produced, to check what the search measured (its 1,024 tokens) against more text,
 with a standard error over 512-token windows, and each later model's paired difference to the first (same
 windows: the test between two models). Writes JSON.
 
@@ -17,6 +18,11 @@ import bondcut
 from bondcut.calibration import calibration_windows, unseen_calibration_windows
 from bondcut.corpus import split_text
 from bondcut.divergence import kl_per_position, next_token_logprobs, paired_difference
+
+
+def token_nll(logprobs: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Per-window mean negative log-likelihood of each window's next tokens (its cross-entropy on the text)."""
+    return -logprobs.gather(-1, windows[:, 1:, None]).squeeze(-1).mean(-1)
 
 
 def main() -> None:
@@ -40,14 +46,16 @@ def main() -> None:
         results[path] = {}
         for name, windows in texts.items():
             ref = references[name]
-            per_position = kl_per_position(ref, next_token_logprobs(model.eval(), windows, 2))
-            per_window = per_position.mean(-1)
-            row = {"kl": float(per_position.mean()), "se": float(per_window.std() / len(per_window) ** 0.5)}
-            if name in first:
-                mean, se = paired_difference(first[name], per_window)
-                row[f"minus_{args.models[0]}"] = {"mean": mean, "se": se}
-            else:
-                first[name] = per_window
+            logprobs = next_token_logprobs(model.eval(), windows, 2)
+            per_window = {"kl": kl_per_position(ref, logprobs).mean(-1), "nll": token_nll(logprobs, windows)}
+            row = {}
+            for measure, values in per_window.items():
+                row[measure] = float(values.mean())
+                row[f"{measure}_se"] = float(values.std() / len(values) ** 0.5)
+                if name in first:
+                    mean, se = paired_difference(first[name][measure], values)
+                    row[f"{measure}_minus_{args.models[0]}"] = {"mean": mean, "se": se}
+            first.setdefault(name, per_window)
             results[path][name] = row
         print(path, results[path], flush=True)
         del model

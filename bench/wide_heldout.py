@@ -72,9 +72,9 @@ def main() -> None:
         print(f"{name}: {results['models'][name]['perplexity']:.3f} on {results['models'][name]['tokens_scored']:,} "
               f"tokens ({results['models'][name]['seconds']:.0f} s)", flush=True)  # fmt: skip
         del model
-    for a, b in itertools.combinations(per_file, 2):
-        results["paired"][f"{a} - {b}"] = paired(per_file[a], per_file[b])
-    write_json(args.out, results)
+        for a, b in itertools.combinations(per_file, 2):
+            results["paired"][f"{a} - {b}"] = paired(per_file[a], per_file[b])
+        write_json(args.out, results)  # after each model: a stopped run keeps what it scored
     for pair, stats in results["paired"].items():
         print(f"{pair}: {stats['mean_nats']:+.4f} ± {stats['stderr_nats']:.4f} nats/token, "
               f"lower on {stats['files_lower']} of {stats['files']} files")  # fmt: skip
