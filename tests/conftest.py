@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest -n 2's workers: one core each, for its subprocesses too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 PROMPT = "The capital of France is Paris. The city is known for its museums, and the river that runs through it is"
 
