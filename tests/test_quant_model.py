@@ -68,6 +68,10 @@ def test_dequantize_once_reuses_exact_weights_until_they_change(trained_model, m
         quant(x.requires_grad_(True))
         quant(x)
         assert len(calls) == 7  # under gradient every call dequantizes
+    with packed_kernels(False), torch.no_grad(), dequantize_once(limit_bytes=quant.weight_values().numel() * 4 - 1):
+        quant(x)
+        quant(x)
+        assert len(calls) == 10  # bigger than the limit: dequantized per call (plus the size asked above)
 
 
 @pytest.mark.parametrize("bits, group_size", [(4, 64), (8, PER_ROW)])
