@@ -17,12 +17,7 @@ from _common import base_parser, write_json
 import bondcut
 from bondcut.calibration import calibration_windows, unseen_calibration_windows
 from bondcut.corpus import split_text
-from bondcut.divergence import kl_per_position, next_token_logprobs, paired_difference
-
-
-def token_nll(logprobs: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-    """Per-window mean negative log-likelihood of each window's next tokens (its cross-entropy on the text)."""
-    return -logprobs.gather(-1, windows[:, 1:, None]).squeeze(-1).mean(-1)
+from bondcut.divergence import kl_per_position, next_token_logprobs, paired_difference, token_nll
 
 
 def main() -> None:
@@ -47,7 +42,7 @@ def main() -> None:
         for name, windows in texts.items():
             ref = references[name]
             logprobs = next_token_logprobs(model.eval(), windows, 2)
-            per_window = {"kl": kl_per_position(ref, logprobs).mean(-1), "nll": token_nll(logprobs, windows)}
+            per_window = {"kl": kl_per_position(ref, logprobs).mean(-1), "nll": token_nll(logprobs, windows).mean(-1)}
             row = {}
             for measure, values in per_window.items():
                 row[measure] = float(values.mean())

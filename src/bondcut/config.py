@@ -8,6 +8,14 @@ from typing import Any
 
 OBJECTIVES = ("kl", "nll")  # what a search may minimize on its calibration text: KL to the original, NLL of the text
 
+
+def check_objective(objective: str) -> str:
+    """``objective`` if it is one of :data:`OBJECTIVES`, else a ValueError naming them."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"search_objective must be one of {OBJECTIVES}, got {objective!r}")
+    return objective
+
+
 DEFAULT_CALIBRATION_TOKENS = 16384  # input statistics for activation-aware allocation
 
 SitesSpec = int | str | Sequence[Sequence[int]] | None
@@ -181,8 +189,7 @@ class CompressConfig:
                              f"got {self.sites!r}; or use allocation='uniform'")  # fmt: skip
         if self.search_evaluations < 0 or self.profile_tokens < 1 or self.search_tokens < 1:
             raise ValueError("search_evaluations must be >= 0 and profile_tokens, search_tokens >= 1")
-        if self.search_objective not in OBJECTIVES:
-            raise ValueError(f"search_objective must be one of {OBJECTIVES}, got {self.search_objective!r}")
+        check_objective(self.search_objective)
         if self.calibration_tokens < 0 or self.damping < 0:
             raise ValueError(
                 f"calibration_tokens and damping must be >= 0, got {self.calibration_tokens}, {self.damping}"

@@ -23,6 +23,12 @@ def kl_per_position(reference: torch.Tensor, logprobs: torch.Tensor) -> torch.Te
     return (reference.exp() * (reference - logprobs)).sum(-1)
 
 
+def token_nll(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each next token, (..., T - 1), from next-token log-probabilities (..., T - 1,
+    vocabulary) of the windows ``ids`` (..., T): the text's cross-entropy, which perplexity exponentiates."""
+    return -logprobs.gather(-1, ids[..., 1:, None]).squeeze(-1)
+
+
 def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """Mean of ``b - a`` over matched samples (e.g. per-window KLs of two models on the same windows) and its
     standard error: the right test between two models scored on the same text, tighter than two unpaired ones."""

@@ -40,13 +40,13 @@ class EvalReport:
 def generate_greedy(model, tokenizer, prompts: tuple[str, ...] = PROMPTS, max_new_tokens: int = 16) -> dict[str, str]:
     """Greedy continuation of each prompt (deterministic), decoded without the prompt."""
     out = {}
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad(), dequantize_once():  # packed weights dequantized once, not for every token
+    with torch.no_grad(), dequantize_once():  # packed weights dequantized once, not for every token and prompt
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
             tokens = model.generate(
                 ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
             )
-        out[prompt] = tokenizer.decode(tokens[0, ids.shape[1] :], skip_special_tokens=True)
+            out[prompt] = tokenizer.decode(tokens[0, ids.shape[1] :], skip_special_tokens=True)
     return out
 
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from .allocate import LayerChoice, Plan, choice_of
 from .candidates import MatrixCandidates, Option
+from .config import check_objective
 from .divergence import kl_per_position, next_token_logprobs
 from .knapsack import solve_knapsack
 
@@ -494,17 +495,19 @@ def best_measured_start(
     ``objective`` (KL to the original, or NLL of the text) measured as :func:`refine_joint` measures (so the search
     never starts below, nor returns, a plan measured worse than uniform packing); with each one's figures (both
     measures). One plan alone is returned unmeasured."""
+    check_objective(objective)
     if len(plans) == 1:
         return plans[0], []
-    starts = []
+    starts, scores = [], []
     for plan in plans:
         search, level, budget = _joint_search(model, tokenizer, plan, candidates, priced[plan.group_size][0],
                                               tokens, context, rounding)  # fmt: skip
         score = search.run(level, budget, 0)[2]
+        scores.append(score)
         starts.append({"method": plan.plan.method, "group_size": plan.group_size, "embedding_bits": plan.embedding_bits,
                        "predicted_kl": plan.predicted_kl, "predicted_bytes": plan.predicted_bytes,
                        "measured_kl": score.kl, "measured_nll": score.loss})  # fmt: skip
-    best = min(range(len(plans)), key=lambda i: starts[i][f"measured_{objective}"])
+    best = min(range(len(plans)), key=lambda i: scores[i].value(objective))
     return plans[best], starts
 
 

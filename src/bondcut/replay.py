@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import OBJECTIVES
-from .divergence import kl_per_position
+from .divergence import kl_per_position, token_nll
 
 
 @dataclass(frozen=True)
@@ -28,9 +27,8 @@ class Score:
     kl: float
 
     def value(self, objective: str) -> float:
-        """What a search minimizes: ``"kl"`` (to the original) or ``"nll"`` (of the text: log perplexity)."""
-        if objective not in OBJECTIVES:
-            raise ValueError(f"search objective must be one of {OBJECTIVES}, got {objective!r}")
+        """What a search minimizes: ``"kl"`` (to the original) or ``"nll"`` (of the text: log perplexity; one of
+        :data:`bondcut.config.OBJECTIVES`, checked by :func:`bondcut.config.check_objective`)."""
         return self.kl if objective == "kl" else self.loss
 
 
@@ -123,7 +121,7 @@ class BlockReplay:
             for self.window, ids in enumerate(self.windows):
                 logits = self.model(ids[None], use_cache=False).logits[0, :-1].float()  # (T-1, vocab)
                 logp = torch.log_softmax(logits, dim=-1)
-                loss -= float(logp.gather(1, ids[1:, None]).mean())
+                loss += float(token_nll(logp, ids).mean())
                 if keep_reference:
                     self.reference.append(logp)
                 elif self.reference:

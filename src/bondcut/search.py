@@ -20,6 +20,7 @@ from torch import nn
 from .allocate import Plan, choice_of, stand_in_weight
 from .calibration import calibration_windows
 from .candidates import MatrixCandidates, Option
+from .config import check_objective
 from .replay import BlockReplay, Score
 from .surgery import linear_with_weight, set_submodule
 
@@ -84,9 +85,9 @@ class Evolution:
         prepare: Callable[[BlockReplay], Callable[[], None]] | None = None,
         objective: str = "kl",
     ) -> None:
-        Score(0.0, 0.0).value(objective)  # an unknown objective fails here, before any measurement
         self.model, self.windows, self.candidates, self.ladders = model, windows, candidates, ladders
-        self.size, self.group_size, self.prepare, self.objective = size, group_size, prepare, objective
+        self.size, self.group_size, self.prepare = size, group_size, prepare
+        self.objective = check_objective(objective)  # an unknown one fails here, before any measurement
 
     def run(self, level: dict[str, int], budget: int, evaluations: int, offspring: int = 4, seed: int = 0,
             on_eval: Callable[[int, int], None] | None = None) -> tuple[dict[str, int], int, Score, Score]:  # fmt: skip
