@@ -180,9 +180,10 @@ def test_the_joint_row_is_planned_for_healing_when_it_heals(monkeypatch):
     assert result.exit_code == 2 and "joint_rounding_weight must be in (0, 1]" in _flat(result.output)
 
 
-def test_the_joint_rows_widths_reach_its_search_and_are_one_of_its_settings(monkeypatch):
-    """--joint-bits 8,4,3 lets the joint row round to 3 bits; other widths are a setting (a change rebuilds the row);
-    a width the packing does not have, or a group that 3-bit codes cannot fill, is a clear error."""
+def test_the_joint_rows_widths_and_objective_reach_its_search_and_are_its_settings(monkeypatch):
+    """--joint-bits 8,4,3 lets the joint row round to 3 bits, --joint-objective nll makes its search minimize the
+    text's NLL; both are settings (a change rebuilds the row); a width the packing does not have, a group that 3-bit
+    codes cannot fill, or an unknown objective is a clear error."""
     import pytest
 
     from bondcut.compare import CompareConfig, method_settings
@@ -193,6 +194,11 @@ def test_the_joint_rows_widths_reach_its_search_and_are_one_of_its_settings(monk
         assert method_settings(method, CompareConfig()) != method_settings(method, CompareConfig(rotate=True))
     assert method_settings("joint", CompareConfig())["joint_bits"] == [8, 4]
     assert method_settings("joint", CompareConfig()) != method_settings("joint", CompareConfig(joint_bits=(8, 4, 3)))
+    assert _joint_search_config(monkeypatch, CompareConfig()).search_objective == "kl"
+    assert _joint_search_config(monkeypatch, CompareConfig(joint_objective="nll")).search_objective == "nll"
+    assert method_settings("joint", CompareConfig()) != method_settings("joint", CompareConfig(joint_objective="nll"))
+    result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--joint-objective", "ppl"])
+    assert result.exit_code == 2 and "search_objective must be one of" in _flat(result.output)
     assert "joint_bits" not in method_settings("bondcut", CompareConfig())
     with pytest.raises(ValueError, match="joint_bits"):
         CompareConfig(joint_bits=(8, 5))

@@ -866,6 +866,9 @@ def compare_command(
     joint_bits: Annotated[
         str, typer.Option(help="joint: packed widths its search may use, e.g. 8,4,3 (3/2 bits dequantize per call)")
     ] = "8,4",
+    joint_objective: Annotated[
+        str, typer.Option(help="joint: what its search minimizes, 'kl' (to the original) or 'nll' (of the text)")
+    ] = "kl",
 ) -> None:
     """Original vs int8 vs int4 vs truncated SVD vs aware low rank vs LayerChop vs bondcut (and + int4): one table."""
     from .compare import METHODS, CompareConfig, compare
@@ -882,6 +885,7 @@ def compare_command(
                                bench_train_batch=bench_train_batch, joint_blocks=joint_blocks,
                                joint_rounding_weight=joint_rounding_weight,
                                joint_bits=_parse_int_list(joint_bits, "--joint-bits", "8,4,3"),
+                               joint_objective=joint_objective,
                                target_bytes=None if target_bytes is None else parse_budget(target_bytes))  # fmt: skip
     except ValueError as err:
         _fail(str(err))

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .cache import atomic_write_text
-from .config import CompressConfig
+from .config import CompressConfig, check_objective
 from .mpo_linear import MPOLinear
 
 METHODS = ("original", "original_tuned", "int8", "int4", "int4_gptq", "svd", "svd_llm", "layerchop", "bondcut",
@@ -71,6 +71,7 @@ class CompareConfig:
     joint_blocks: int = 4
     joint_rounding_weight: float | None = None  # None: planned for healing (HEALED_ROUNDING_WEIGHT) when it heals
     joint_bits: tuple[int, ...] = (8, 4)  # packed widths the joint search may use, e.g. (8, 4, 3)
+    joint_objective: str = "kl"  # what the joint search minimizes: KL to the original, or the text's NLL ("nll")
     group_size: int = 64
     rounding: str = "gptq"  # how bondcut_int4 and joint round their packed dense weights (int4 / int4_gptq: both)
     rotate: bool = False  # every packed row's dense layers rotate their inputs first (bondcut.quant.rotation)
@@ -107,6 +108,7 @@ class CompareConfig:
         if not 0 < self.joint_rounding_weight <= 1:
             raise ValueError(f"joint_rounding_weight must be in (0, 1], got {self.joint_rounding_weight}")
         self.joint_bits = tuple(self.joint_bits)
+        check_objective(self.joint_objective)
         if "joint" in self.methods:  # the joint search's own checks (widths, groups that fill whole bytes), now
             CompressConfig(target_bytes=1, joint_bits=self.joint_bits, group_size=self.group_size)
         self.methods = tuple(m for m in METHODS if m in self.methods and (trains or m != "original_tuned"))
@@ -155,8 +157,8 @@ SETTINGS = {  # method -> the CompareConfig fields its result depends on (beyond
     "layerchop": ("ratio", "chop_rule", "heal_lr", "distill"),
     "bondcut": ("ratio", "search_evaluations", "heal_lr", "distill"),
     "bondcut_int4": ("group_size", "rounding", "quantize_cores", "rotate"),
-    "joint": ("target_bytes", "joint_blocks", "joint_rounding_weight", "joint_bits", "group_size", "rounding",
-              "rotate", "joint_healing", "heal_lr", "scale_lr", "distill"),
+    "joint": ("target_bytes", "joint_blocks", "joint_rounding_weight", "joint_bits", "joint_objective", "group_size",
+              "rounding", "rotate", "joint_healing", "heal_lr", "scale_lr", "distill"),
 }  # fmt: skip
 SHARED_SETTINGS = ("heal_tokens", "eval_tokens", "tasks", "task_limit", "seed")
 SPEED_ONLY_SETTINGS = ("methods", "bench_repeats", "bench_train_batch", "threads")  # no method's result depends on them
@@ -200,7 +202,8 @@ def build(method: str, model: nn.Module, tokenizer, config: CompareConfig, targe
         joint = compress(model, CompressConfig(target_bytes=target_bytes, max_deleted_blocks=config.joint_blocks,
                                                group_size=config.group_size, joint_rounding=config.rounding,
                                                rounding_weight=config.joint_rounding_weight, defer_packing=True,
-                                               joint_bits=config.joint_bits, joint_rotate=config.rotate),
+                                               joint_bits=config.joint_bits, joint_rotate=config.rotate,
+                                               search_objective=config.joint_objective),
                          tokenizer=tokenizer).joint  # fmt: skip
         return (f"joint plan for {target_bytes / 1e6:.1f} MB: blocks deleted {joint['removed_blocks']}, embedding "
                 f"{precision_text(joint['embedding_bits'])}")  # fmt: skip
