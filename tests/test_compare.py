@@ -198,7 +198,7 @@ def test_the_joint_rows_widths_and_objective_reach_its_search_and_are_its_settin
     assert _joint_search_config(monkeypatch, CompareConfig(joint_objective="nll")).search_objective == "nll"
     assert method_settings("joint", CompareConfig()) != method_settings("joint", CompareConfig(joint_objective="nll"))
     result = CliRunner().invoke(app, ["compare", "smollm2-135m", "--out", "x", "--joint-objective", "ppl"])
-    assert result.exit_code == 2 and "search_objective must be one of" in _flat(result.output)
+    assert result.exit_code == 2 and "joint_objective must be one of" in _flat(result.output)
     assert "joint_bits" not in method_settings("bondcut", CompareConfig())
     with pytest.raises(ValueError, match="joint_bits"):
         CompareConfig(joint_bits=(8, 5))

@@ -108,7 +108,7 @@ class CompareConfig:
         if not 0 < self.joint_rounding_weight <= 1:
             raise ValueError(f"joint_rounding_weight must be in (0, 1], got {self.joint_rounding_weight}")
         self.joint_bits = tuple(self.joint_bits)
-        check_objective(self.joint_objective)
+        check_objective(self.joint_objective, "joint_objective")
         if "joint" in self.methods:  # the joint search's own checks (widths, groups that fill whole bytes), now
             CompressConfig(target_bytes=1, joint_bits=self.joint_bits, group_size=self.group_size)
         self.methods = tuple(m for m in METHODS if m in self.methods and (trains or m != "original_tuned"))

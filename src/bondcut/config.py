@@ -9,10 +9,10 @@ from typing import Any
 OBJECTIVES = ("kl", "nll")  # what a search may minimize on its calibration text: KL to the original, NLL of the text
 
 
-def check_objective(objective: str) -> str:
-    """``objective`` if it is one of :data:`OBJECTIVES`, else a ValueError naming them."""
+def check_objective(objective: str, name: str = "search_objective") -> str:
+    """``objective`` if it is one of :data:`OBJECTIVES`, else a ValueError naming them and the setting ``name``."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"search_objective must be one of {OBJECTIVES}, got {objective!r}")
+        raise ValueError(f"{name} must be one of {OBJECTIVES}, got {objective!r}")
     return objective
 
 
