@@ -20,6 +20,7 @@ class ArchitectureTargets:
     block_prefix: str
     attention: tuple[str, ...]
     mlp: tuple[str, ...]
+    gated_mlp: tuple[str, str, str] | None = None  # (gate, up, down) suffixes where the MLP is gated
 
     def pattern(self) -> re.Pattern:
         suffixes = "|".join(re.escape(s) for s in (*self.attention, *self.mlp))
@@ -27,7 +28,7 @@ class ArchitectureTargets:
 
 
 _DECODER = r"(?:^|\.)layers\.(\d+)\."
-_LLAMA_LIKE = ArchitectureTargets(_DECODER, LLAMA_ATTENTION, LLAMA_MLP)
+_LLAMA_LIKE = ArchitectureTargets(_DECODER, LLAMA_ATTENTION, LLAMA_MLP, LLAMA_MLP)
 
 ARCHITECTURES: dict[str, ArchitectureTargets] = {
     "llama": _LLAMA_LIKE,
@@ -38,7 +39,7 @@ ARCHITECTURES: dict[str, ArchitectureTargets] = {
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
     # multimodal Gemma 3: only the language model (its vision tower also has self_attn.q_proj modules)
-    "gemma3": ArchitectureTargets(r"(?:^|\.)language_model\.layers\.(\d+)\.", LLAMA_ATTENTION, LLAMA_MLP),
+    "gemma3": ArchitectureTargets(r"(?:^|\.)language_model\.layers\.(\d+)\.", LLAMA_ATTENTION, LLAMA_MLP, LLAMA_MLP),
     "gpt2": ArchitectureTargets(r"(?:^|\.)h\.(\d+)\.", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj")),
 }
 

@@ -179,6 +179,13 @@ def compress(
             "the compressed model gives them, on N calibration tokens (0 = off; e.g. 32768)"
         ),
     ] = 0,  # fmt: skip
+    mlp_neurons: Annotated[
+        bool,
+        typer.Option(
+            help="spend each compressed gated MLP's parameters on its most used hidden neurons (down projection "
+            "refit by least squares) instead of low-rank factors; same parameter count"
+        ),
+    ] = False,  # fmt: skip
 ) -> None:
     """Replace the self-attention and MLP matrices by MPOs (and, with --target-bytes, pack/delete jointly); save."""
     import bondcut
@@ -204,7 +211,7 @@ def compress(
             exclude=exclude or [], modules=modules, calibration_tokens=calib_tokens, allocation=allocation,
             ratio_of=ratio_of, profile=None if profile is None else str(profile), profile_tokens=profile_tokens,
             search_evaluations=search, search_tokens=search_tokens, search_objective=search_objective,
-            refit_tokens=refit_tokens,
+            refit_tokens=refit_tokens, mlp_neurons=mlp_neurons,
         )  # fmt: skip
     except ValueError as err:
         _fail(str(err))
@@ -330,7 +337,7 @@ def info(directory: Annotated[Path, typer.Argument(help="a directory written by 
         table.add_column(column, justify="left" if column == "module" else "right")
     total_dense = total_mpo = 0
     for name, layout in quant["layers"].items():
-        m, n = layout["shape"]
+        m, n = layout.get("replaced_shape", layout["shape"])  # a neuron-selected MLP matrix: what it replaced
         ranks = [1, *layout["bond_dims"], 1]
         params = sum(ranks[i] * a * b * ranks[i + 1] for i, (a, b) in enumerate(layout["sites"]))
         total_dense, total_mpo = total_dense + m * n, total_mpo + params

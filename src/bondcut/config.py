@@ -80,6 +80,11 @@ class CompressConfig:
         refit_tokens: after the surgery, refit the MPO layers block by block to the original's outputs on the
             inputs the compressed model gives them, on this many calibration tokens (:mod:`bondcut.refit`; 0 = off).
             Same layouts and sizes; costs a second copy of the model while it runs. Not with ``target_bytes``.
+        mlp_neurons: spend each gated MLP's kept parameters on its most used hidden neurons instead of low-rank
+            factors: once the allocation has sized every matrix, an MLP with any compressed matrix keeps as many
+            whole neurons as its three matrices' parameters buy, its down projection refit by least squares
+            (:mod:`bondcut.neurons`; same SA+MLP parameter count). Needs activation-aware compression
+            (``calibration_tokens`` > 0); not with ``target_bytes`` or ``refit_tokens``.
         defer_packing: with ``target_bytes``: do the MPO surgery and block deletion but leave the packing pending
             in the model's config, so the float model can be healed first;
             :func:`bondcut.joint.apply_pending_packing` (``bondcut quantize --pending``) packs it afterwards.
@@ -114,6 +119,7 @@ class CompressConfig:
     group_size: int = 64
     group_sizes: tuple[int, ...] = ()
     refit_tokens: int = 0
+    mlp_neurons: bool = False
 
     def __post_init__(self) -> None:
         example = "e.g. CompressConfig(ratio=0.5), CompressConfig(chi=64) or CompressConfig(target_bytes=60_000_000)"
@@ -180,6 +186,11 @@ class CompressConfig:
             raise ValueError(f"sites must be 'auto', 'lowrank', an int >= 1 or a list of pairs, got {self.sites!r}")
         if self.calibration_tokens is None:
             self.calibration_tokens = DEFAULT_CALIBRATION_TOKENS if self.allocates else 0
+        if self.mlp_neurons and (self.target_bytes is not None or self.refit_tokens or self.calibration_tokens == 0):
+            raise ValueError("mlp_neurons needs activation-aware compression sized by ratio, chi or tol (it selects "
+                             "neurons on the calibration statistics), without target_bytes or refit_tokens; got "
+                             f"target_bytes={self.target_bytes}, refit_tokens={self.refit_tokens}, calibration_tokens="
+                             f"{self.calibration_tokens}; e.g. CompressConfig(ratio=0.7, mlp_neurons=True)")  # fmt: skip
         if self.allocation not in ("profile", "uniform"):
             raise ValueError(f"allocation must be 'profile' or 'uniform', got {self.allocation!r}")
         if self.ratio_of not in ("targets", "model"):

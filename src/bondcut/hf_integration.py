@@ -81,8 +81,9 @@ def install_mpo_layers(model: nn.Module, layers: dict[str, dict]) -> None:
         except AttributeError as err:
             raise ValueError(f"config.json lists MPO layer {name!r}, which this model does not have") from err
         weight = dense_weight(old)
-        if list(weight.shape) != list(layout["shape"]):
-            raise ValueError(f"MPO layer {name}: recorded shape {layout['shape']} != model's {list(weight.shape)}")
+        replaced = layout.get("replaced_shape", layout["shape"])  # a narrowed layer records what it replaced
+        if list(weight.shape) != list(replaced):
+            raise ValueError(f"MPO layer {name}: recorded shape {replaced} != model's {list(weight.shape)}")
         new = MPOLinear(
             layout["sites"],
             layout["bond_dims"],
@@ -90,6 +91,7 @@ def install_mpo_layers(model: nn.Module, layers: dict[str, dict]) -> None:
             source_kind=layout.get("source_kind", "linear"),
             device=weight.device,
             dtype=weight.dtype,
+            replaced_shape=layout.get("replaced_shape"),
         )
         set_submodule(model, name, new)
 

@@ -42,12 +42,15 @@ class MPOLinear(nn.Module):
         source_kind: str = "linear",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        replaced_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if source_kind not in ("linear", "conv1d"):
             raise ValueError(f"source_kind must be 'linear' or 'conv1d', got {source_kind!r}")
         self.source_kind = source_kind  # what export_dense rebuilds: nn.Linear or transformers Conv1D
         self.sites: Sites = tuple((int(a), int(b)) for a, b in sites)
+        # (out, in) of the matrix this layer replaced, where neuron selection narrowed it (bondcut.neurons)
+        self.replaced_shape = None if replaced_shape is None else tuple(int(d) for d in replaced_shape)
         self.bond_dims = tuple(int(r) for r in bond_dims)
         if len(self.bond_dims) != len(self.sites) - 1:
             raise ValueError(f"{len(self.sites)} sites need {len(self.sites) - 1} bond dims, got {self.bond_dims}")
@@ -166,13 +169,16 @@ class MPOLinear(nn.Module):
 
     def layout(self) -> dict:
         """JSON-ready description used in config.json to rebuild this layer before weights load."""
-        return {
+        layout = {
             "shape": [self.out_features, self.in_features],
             "sites": [list(s) for s in self.sites],
             "bond_dims": list(self.bond_dims),
             "bias": self.bias is not None,
             "source_kind": self.source_kind,
         }
+        if self.replaced_shape is not None and self.replaced_shape != (self.out_features, self.in_features):
+            layout["replaced_shape"] = list(self.replaced_shape)
+        return layout
 
     def extra_repr(self) -> str:
         return (

@@ -52,9 +52,16 @@ def load(path: str | os.PathLike, dtype: str = "float32"):
 def export_dense(model: nn.Module) -> nn.Module:
     """Multiply every MPOLinear back into a dense ``nn.Linear``/``Conv1D``, in place, for runtimes without MPOs.
 
-    The result is a plain transformers model: its config loses the bondcut quantization entry.
+    The result is a plain transformers model: its config loses the bondcut quantization entry. A model whose MLPs
+    were narrowed by neuron selection (:mod:`bondcut.neurons`) is refused: a plain config has one MLP width.
     """
     from .surgery import linear_with_weight
+
+    narrowed = [n for n, m in model.named_modules() if isinstance(m, MPOLinear) and "replaced_shape" in m.layout()]
+    if narrowed:
+        raise ValueError(f"{len(narrowed)} layers (e.g. {narrowed[0]}) were narrowed by MLP neuron selection; a plain "
+                         "transformers config holds one MLP width, so keep this model in bondcut's format "
+                         "(bondcut.save) or compress it without mlp_neurons")  # fmt: skip
 
     for name, module in list(model.named_modules()):
         if not isinstance(module, MPOLinear):

@@ -17,6 +17,7 @@ from .config import CompressConfig
 from .mpo import MPO, bond_dims_for_chi, chi_for_fraction, decompose, mpo_num_params, resolve_sites
 from .mpo.whiten import decompose_whitened
 from .mpo_linear import MPOLinear
+from .neurons import gated_mlps, narrow_mlp
 from .patterns import matches, select
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,9 @@ def compress(
         raise ValueError("activation-aware compression, profile allocation and refit need the tokenizer: "
                          "bondcut.compress(model, config, tokenizer=tok), or CompressConfig(..., allocation='uniform', "
                          "calibration_tokens=0)")  # fmt: skip
+    if config.mlp_neurons and not gated_mlps(model):
+        raise ValueError(f"mlp_neurons needs gated MLPs (gate/up/down projections); model_type "
+                         f"{model.config.model_type!r} has none in bondcut's table: drop mlp_neurons")  # fmt: skip
     original = copy.deepcopy(model) if config.refit_tokens else None  # the refit's reference outputs
     covariances = {}
     if config.calibration_tokens:
@@ -213,6 +217,9 @@ def compress(
         progress = None if on_stage is None else lambda done, total: on_stage("statistics", done, total)
         covariances, _ = input_covariances(model, tokenizer, list(modules), tokens=config.calibration_tokens,
                                            on_window=progress)  # fmt: skip
+    # the decisions consume the statistics; neuron selection needs the down projections' (the hidden activations')
+    mlps = gated_mlps(model) if config.mlp_neurons else []
+    hidden_covs = {m.down: covariances[m.down] for m in mlps if m.down in covariances}
     joint = None
     if config.target_bytes is not None:
         decide, joint = _joint_decisions(model, tokenizer, config, weights, covariances, report, on_stage)
@@ -254,6 +261,9 @@ def compress(
         log.debug("compressed %s: %s", target.name, layer_report)
         if on_layer is not None:
             on_layer(layer_report, index, len(targets))
+    if config.mlp_neurons:
+        _narrow_compressed_mlps(model, weights, hidden_covs, report)
+        hidden_covs.clear()
     if original is not None:
         from .refit import refit_sequential
 
@@ -274,6 +284,37 @@ def compress(
 
 
 Decision = Callable[[str], tuple["MPO | None", str]]
+
+
+def _narrow_compressed_mlps(model: nn.Module, weights, hidden_covs, report: CompressionReport) -> None:
+    """Turn every gated MLP with a compressed matrix into its neuron selection at the same parameter count
+    (:mod:`bondcut.neurons`), rewriting its three matrices' entries in ``report``."""
+    mlps = gated_mlps(model)
+    rows = {r.name: i for i, r in enumerate(report.layers)}
+    for mlp in mlps:
+        if any(name not in rows for name in mlp.names):
+            continue  # part of this MLP was not a target: its matrices stay as compressed
+        entries = [report.layers[rows[name]] for name in mlp.names]
+        if all(e.params_after == e.params_before for e in entries):
+            continue  # kept dense: nothing to spend differently
+        start = time.perf_counter()
+        narrowed = narrow_mlp(model, mlp, weights, hidden_covs[mlp.down], sum(e.params_after for e in entries))
+        seconds = (time.perf_counter() - start) / 3
+        for entry, name, kept in zip(entries, mlp.names, (narrowed.gate, narrowed.up, narrowed.down)):
+            original = weights[name].double()
+            padded = torch.zeros_like(original)  # the kept entries in place, zeros for the dropped neurons
+            if name == mlp.down:
+                padded[:, narrowed.kept] = kept.double()
+            else:
+                padded[narrowed.kept] = kept.double()
+            norm = float(torch.linalg.norm(original))
+            module = model.get_submodule(name)
+            report.layers[rows[name]] = LayerReport(
+                name=name, kind=entry.kind, block=entry.block, shape=entry.shape, sites=[list(s) for s in module.sites],
+                bond_dims=[], params_before=entry.params_before, params_after=module.num_params,
+                rel_error=float(torch.linalg.norm(original - padded)) / norm if norm else 0.0,
+                seconds=entry.seconds + seconds, kept_dense="",
+            )  # fmt: skip
 
 
 def _fixed_decisions(model, config: CompressConfig, weights, covariances, report: CompressionReport) -> Decision:
