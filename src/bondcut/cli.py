@@ -247,6 +247,9 @@ def compress(
     if report.plan:
         console.print(plan_summary(report.plan))
         console.print(plan_table(report.plan))
+    narrowed_line = neuron_line(report.layers)
+    if narrowed_line:
+        console.print(narrowed_line)
     dense_line = kept_dense_line(report.layers)
     if dense_line:
         console.print(dense_line)
@@ -274,6 +277,18 @@ def plan_summary(plan: dict) -> str:
                  f"{search['kl_before']:.4f} -> {search['kl_after']:.4f}, calibration loss {search['loss_before']:.4f} -> "
                  f"{search['loss_after']:.4f}")  # fmt: skip
     return line
+
+
+def neuron_line(layers) -> str | None:
+    """One line on the MLPs rebuilt as neuron selections (--mlp-neurons): how many, and the hidden neurons each kept;
+    None when there are none. Their down projections are the narrowed layers that keep their output width."""
+    downs = [(layer.sites[0][1], layer.shape[1]) for layer in layers
+             if len(layer.sites) == 1 and layer.sites[0][0] == layer.shape[0] and layer.sites[0][1] < layer.shape[1]]  # fmt: skip
+    if not downs:
+        return None
+    kept = sorted(k for k, _ in downs)
+    return (f"{len(downs)} MLPs rebuilt as neuron selections at the plan's parameters (the table counts them as the "
+            f"plan's layouts): {kept[0]:,}-{kept[-1]:,} of {downs[0][1]:,} hidden neurons kept")  # fmt: skip
 
 
 def kept_dense_line(layers) -> str | None:
