@@ -176,9 +176,14 @@ class MPOLinear(nn.Module):
             "bias": self.bias is not None,
             "source_kind": self.source_kind,
         }
-        if self.replaced_shape is not None and self.replaced_shape != (self.out_features, self.in_features):
+        if self.narrowed:
             layout["replaced_shape"] = list(self.replaced_shape)
         return layout
+
+    @property
+    def narrowed(self) -> bool:
+        """Whether this layer is narrower than the matrix it replaced (an MLP neuron selection)."""
+        return self.replaced_shape is not None and self.replaced_shape != (self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return (

@@ -60,10 +60,11 @@ def gated_mlps(model: nn.Module) -> list[GatedMLP]:
         return []
     gate, up, down = table.gated_mlp
     names = [t.name for t in targets_of(model)]  # model order
+    present = set(names)
     found = []
     for name in (n for n in names if n.endswith(gate)):
         prefix = name[: -len(gate)]
-        if prefix + up in names and prefix + down in names:
+        if prefix + up in present and prefix + down in present:
             found.append(GatedMLP(name, prefix + up, prefix + down))
     return found
 
@@ -127,9 +128,9 @@ def narrow_mlp(
     keep = neurons_for(params, *modules)
     gate, up, down = (weights[n] for n in mlp.names)
     narrowed = select_neurons(gate, up, down, hidden_cov.to(gate.device), min(keep, down.shape[1]))
-    biases = [getattr(m, "bias", None) for m in modules]
-    new_biases = [None if b is None else b.detach()[narrowed.kept] for b in biases[:2]] + [biases[2]]
-    for name, weight, bias, old in zip(mlp.names, (narrowed.gate, narrowed.up, narrowed.down), new_biases,
+    biases = [None if m.bias is None else m.bias.detach() for m in modules]
+    biases = [None if b is None else b[narrowed.kept] for b in biases[:2]] + biases[2:]  # gate/up cut like rows
+    for name, weight, bias, old in zip(mlp.names, (narrowed.gate, narrowed.up, narrowed.down), biases,
                                        (gate, up, down)):  # fmt: skip
-        set_submodule(model, name, _single_site(weight, None if bias is None else bias.detach(), tuple(old.shape)))
+        set_submodule(model, name, _single_site(weight, bias, tuple(old.shape)))
     return narrowed

@@ -57,7 +57,7 @@ def export_dense(model: nn.Module) -> nn.Module:
     """
     from .surgery import linear_with_weight
 
-    narrowed = [n for n, m in model.named_modules() if isinstance(m, MPOLinear) and "replaced_shape" in m.layout()]
+    narrowed = [n for n, m in model.named_modules() if isinstance(m, MPOLinear) and m.narrowed]
     if narrowed:
         raise ValueError(f"{len(narrowed)} layers (e.g. {narrowed[0]}) were narrowed by MLP neuron selection; a plain "
                          "transformers config holds one MLP width, so keep this model in bondcut's format "

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -206,7 +206,8 @@ def compress(
         raise ValueError("activation-aware compression, profile allocation and refit need the tokenizer: "
                          "bondcut.compress(model, config, tokenizer=tok), or CompressConfig(..., allocation='uniform', "
                          "calibration_tokens=0)")  # fmt: skip
-    if config.mlp_neurons and not gated_mlps(model):
+    mlps = gated_mlps(model) if config.mlp_neurons else []
+    if config.mlp_neurons and not mlps:
         raise ValueError(f"mlp_neurons needs gated MLPs (gate/up/down projections); model_type "
                          f"{model.config.model_type!r} has none in bondcut's table: drop mlp_neurons")  # fmt: skip
     original = copy.deepcopy(model) if config.refit_tokens else None  # the refit's reference outputs
@@ -218,7 +219,6 @@ def compress(
         covariances, _ = input_covariances(model, tokenizer, list(modules), tokens=config.calibration_tokens,
                                            on_window=progress)  # fmt: skip
     # the decisions consume the statistics; neuron selection needs the down projections' (the hidden activations')
-    mlps = gated_mlps(model) if config.mlp_neurons else []
     hidden_covs = {m.down: covariances[m.down] for m in mlps if m.down in covariances}
     joint = None
     if config.target_bytes is not None:
@@ -262,7 +262,7 @@ def compress(
         if on_layer is not None:
             on_layer(layer_report, index, len(targets))
     if config.mlp_neurons:
-        _narrow_compressed_mlps(model, weights, hidden_covs, report)
+        _narrow_compressed_mlps(model, mlps, weights, hidden_covs, report)
         hidden_covs.clear()
     if original is not None:
         from .refit import refit_sequential
@@ -286,10 +286,9 @@ def compress(
 Decision = Callable[[str], tuple["MPO | None", str]]
 
 
-def _narrow_compressed_mlps(model: nn.Module, weights, hidden_covs, report: CompressionReport) -> None:
-    """Turn every gated MLP with a compressed matrix into its neuron selection at the same parameter count
-    (:mod:`bondcut.neurons`), rewriting its three matrices' entries in ``report``."""
-    mlps = gated_mlps(model)
+def _narrow_compressed_mlps(model: nn.Module, mlps, weights, hidden_covs, report: CompressionReport) -> None:
+    """Turn every gated MLP of ``mlps`` with a compressed matrix into its neuron selection at the same parameter
+    count (:mod:`bondcut.neurons`), rewriting its three matrices' entries in ``report``."""
     rows = {r.name: i for i, r in enumerate(report.layers)}
     for mlp in mlps:
         if any(name not in rows for name in mlp.names):
@@ -309,11 +308,10 @@ def _narrow_compressed_mlps(model: nn.Module, weights, hidden_covs, report: Comp
                 padded[narrowed.kept] = kept.double()
             norm = float(torch.linalg.norm(original))
             module = model.get_submodule(name)
-            report.layers[rows[name]] = LayerReport(
-                name=name, kind=entry.kind, block=entry.block, shape=entry.shape, sites=[list(s) for s in module.sites],
-                bond_dims=[], params_before=entry.params_before, params_after=module.num_params,
+            report.layers[rows[name]] = replace(
+                entry, sites=[list(site) for site in module.sites], bond_dims=[], params_after=module.num_params,
                 rel_error=float(torch.linalg.norm(original - padded)) / norm if norm else 0.0,
-                seconds=entry.seconds + seconds, kept_dense="",
+                seconds=entry.seconds + seconds,
             )  # fmt: skip
 
 
