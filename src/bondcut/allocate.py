@@ -166,19 +166,23 @@ def allocate(
     budget: int,
     config,
     on_progress: Callable[[str, int, int], None] | None = None,
+    items: dict[str, MatrixCandidates] | None = None,
 ) -> Plan:
     """Profile the targets (cached per model and settings), fit sensitivities, solve, and optionally search.
 
     ``config`` is the :class:`bondcut.CompressConfig` (profile and search settings). ``on_progress(stage,
-    done, total)`` reports the profile's and the search's progress.
+    done, total)`` reports the profile's and the search's progress. ``items`` are what the knapsack and the
+    search choose among, when not every matrix is one (:func:`bondcut.neuron_pricing.mlp_items`: a gated MLP as
+    one item under its down projection's name, priced with that matrix's sensitivity); by default the candidates.
     """
     alphas, source = sensitivities(model, tokenizer, candidates, config, on_progress)
-    plan = solve_plan(candidates, alphas, budget)
+    items = candidates if items is None else items
+    plan = solve_plan(items, alphas, budget)
     plan.search["profile"] = source
     if config.search_evaluations:
         from .search import refine
 
-        plan = refine(model, tokenizer, plan, candidates, alphas, evaluations=config.search_evaluations,
+        plan = refine(model, tokenizer, plan, items, alphas, evaluations=config.search_evaluations,
                       tokens=config.search_tokens, objective=config.search_objective,
                       on_eval=None if on_progress is None else lambda i, n: on_progress("search", i, n))  # fmt: skip
     log.info("plan: %s params of %s (budget %s), predicted loss +%.4f", plan.params, plan.dense_params, budget,

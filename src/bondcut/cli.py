@@ -287,8 +287,8 @@ def neuron_line(layers) -> str | None:
     if not downs:
         return None
     kept = sorted(k for k, _ in downs)
-    return (f"{len(downs)} MLPs rebuilt as neuron selections at the plan's parameters (the table counts them as the "
-            f"plan's layouts): {kept[0]:,}-{kept[-1]:,} of {downs[0][1]:,} hidden neurons kept")  # fmt: skip
+    return (f"{len(downs)} MLPs rebuilt as neuron selections: {kept[0]:,}-{kept[-1]:,} of {downs[0][1]:,} hidden "
+            f"neurons kept")  # fmt: skip
 
 
 def kept_dense_line(layers) -> str | None:

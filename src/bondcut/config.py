@@ -80,10 +80,12 @@ class CompressConfig:
         refit_tokens: after the surgery, refit the MPO layers block by block to the original's outputs on the
             inputs the compressed model gives them, on this many calibration tokens (:mod:`bondcut.refit`; 0 = off).
             Same layouts and sizes; costs a second copy of the model while it runs. Not with ``target_bytes``.
-        mlp_neurons: spend each gated MLP's kept parameters on its most used hidden neurons instead of low-rank
-            factors: once the allocation has sized every matrix, an MLP with any compressed matrix keeps as many
-            whole neurons as its three matrices' parameters buy, its down projection refit by least squares
-            (:mod:`bondcut.neurons`; same SA+MLP parameter count). Needs activation-aware compression
+        mlp_neurons: build each compressed gated MLP from its most used hidden neurons instead of low-rank
+            factors, its down projection refit by least squares (:mod:`bondcut.neurons`). With profile allocation
+            the plan prices every MLP as one item whose options are neuron counts (:mod:`bondcut.neuron_pricing`),
+            so the knapsack and the search split the budget between attention and MLPs for that structure;
+            with a fixed chi, tol or uniform allocation, an MLP with any compressed matrix keeps as many whole
+            neurons as its three matrices' parameters buy. Needs activation-aware compression
             (``calibration_tokens`` > 0); not with ``target_bytes`` or ``refit_tokens``.
         defer_packing: with ``target_bytes``: do the MPO surgery and block deletion but leave the packing pending
             in the model's config, so the float model can be healed first;

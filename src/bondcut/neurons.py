@@ -86,12 +86,17 @@ def select_neurons(
         raise ValueError(f"keep must be between 1 and {hidden} hidden neurons, got {keep}")
     cov = hidden_cov.double()
     down64 = down.detach().double()
-    score = torch.diagonal(cov) * (down64**2).sum(0)  # (h,) output energy per neuron
-    kept = torch.topk(score, keep).indices.sort().values
+    kept = neuron_order(down64, cov)[:keep].sort().values
     lam = ridge * float(torch.diagonal(cov).mean())
     eye = torch.eye(keep, dtype=cov.dtype, device=cov.device)
     refit = torch.linalg.solve(cov[kept][:, kept] + lam * eye, (down64 @ cov[:, kept]).T).T  # (d_out, k)
     return NarrowedMLP(gate.detach()[kept], up.detach()[kept], refit.to(down.dtype), kept)
+
+
+def neuron_order(down: torch.Tensor, hidden_cov: torch.Tensor) -> torch.Tensor:
+    """Hidden neurons by the output energy they send, C_ii ||W_d[:, i]||^2, largest first (ties by index)."""
+    score = torch.diagonal(hidden_cov.double()) * (down.detach().double() ** 2).sum(0)
+    return torch.argsort(score, descending=True, stable=True)
 
 
 def neurons_for(params: int, gate: nn.Module, up: nn.Module, down: nn.Module) -> int:
@@ -115,9 +120,9 @@ def _single_site(weight: torch.Tensor, bias: torch.Tensor | None, replaced: tupl
 
 
 def narrow_mlp(
-    model: nn.Module, mlp: GatedMLP, weights: Mapping[str, torch.Tensor], hidden_cov: torch.Tensor, params: int
+    model: nn.Module, mlp: GatedMLP, weights: Mapping[str, torch.Tensor], hidden_cov: torch.Tensor, keep: int
 ) -> NarrowedMLP:
-    """Replace ``mlp``'s three modules in ``model`` by its neuron selection within ``params`` parameters.
+    """Replace ``mlp``'s three modules in ``model`` by its selection of ``keep`` hidden neurons (clipped to all).
 
     ``weights`` holds the original dense weights by name (the modules may already be MPOs); biases come from the
     current modules and are cut the same way.
@@ -125,7 +130,6 @@ def narrow_mlp(
     from .surgery import set_submodule
 
     modules = [model.get_submodule(n) for n in mlp.names]
-    keep = neurons_for(params, *modules)
     gate, up, down = (weights[n] for n in mlp.names)
     narrowed = select_neurons(gate, up, down, hidden_cov.to(gate.device), min(keep, down.shape[1]))
     biases = [None if m.bias is None else m.bias.detach() for m in modules]

@@ -17,7 +17,7 @@ from .config import CompressConfig
 from .mpo import MPO, bond_dims_for_chi, chi_for_fraction, decompose, mpo_num_params, resolve_sites
 from .mpo.whiten import decompose_whitened
 from .mpo_linear import MPOLinear
-from .neurons import gated_mlps, narrow_mlp
+from .neurons import gated_mlps, narrow_mlp, neurons_for
 from .patterns import matches, select
 
 log = logging.getLogger(__name__)
@@ -220,11 +220,12 @@ def compress(
                                            on_window=progress)  # fmt: skip
     # the decisions consume the statistics; neuron selection needs the down projections' (the hidden activations')
     hidden_covs = {m.down: covariances[m.down] for m in mlps if m.down in covariances}
-    joint = None
+    joint = planned_neurons = None
     if config.target_bytes is not None:
         decide, joint = _joint_decisions(model, tokenizer, config, weights, covariances, report, on_stage)
     elif config.allocates:
-        decide = _allocated_decisions(model, tokenizer, config, weights, covariances, report, on_stage)
+        decide, planned_neurons = _allocated_decisions(model, tokenizer, config, weights, covariances, report,
+                                                       on_stage, mlps, hidden_covs)  # fmt: skip
     else:
         decide = _fixed_decisions(model, config, weights, covariances, report)
 
@@ -262,7 +263,7 @@ def compress(
         if on_layer is not None:
             on_layer(layer_report, index, len(targets))
     if config.mlp_neurons:
-        _narrow_compressed_mlps(model, mlps, weights, hidden_covs, report)
+        _narrow_compressed_mlps(model, mlps, weights, hidden_covs, report, planned_neurons)
         hidden_covs.clear()
     if original is not None:
         from .refit import refit_sequential
@@ -286,18 +287,27 @@ def compress(
 Decision = Callable[[str], tuple["MPO | None", str]]
 
 
-def _narrow_compressed_mlps(model: nn.Module, mlps, weights, hidden_covs, report: CompressionReport) -> None:
-    """Turn every gated MLP of ``mlps`` with a compressed matrix into its neuron selection at the same parameter
-    count (:mod:`bondcut.neurons`), rewriting its three matrices' entries in ``report``."""
+def _narrow_compressed_mlps(
+    model: nn.Module, mlps, weights, hidden_covs, report: CompressionReport, planned: dict[str, int] | None = None
+) -> None:
+    """Turn gated MLPs of ``mlps`` into neuron selections (:mod:`bondcut.neurons`), rewriting their three
+    matrices' entries in ``report``: those the plan sized in neurons (``planned``: kept neurons by down
+    projection), or without such a plan every MLP with a compressed matrix, at the same parameter count."""
     rows = {r.name: i for i, r in enumerate(report.layers)}
     for mlp in mlps:
         if any(name not in rows for name in mlp.names):
             continue  # part of this MLP was not a target: its matrices stay as compressed
         entries = [report.layers[rows[name]] for name in mlp.names]
-        if all(e.params_after == e.params_before for e in entries):
-            continue  # kept dense: nothing to spend differently
+        if planned is not None:
+            keep = planned.get(mlp.down)
+        elif any(e.params_after != e.params_before for e in entries):
+            keep = neurons_for(sum(e.params_after for e in entries), *(model.get_submodule(n) for n in mlp.names))
+        else:
+            keep = None  # kept dense: nothing to spend differently
+        if keep is None:
+            continue
         start = time.perf_counter()
-        narrowed = narrow_mlp(model, mlp, weights, hidden_covs[mlp.down], sum(e.params_after for e in entries))
+        narrowed = narrow_mlp(model, mlp, weights, hidden_covs[mlp.down], keep)
         seconds = (time.perf_counter() - start) / 3
         for entry, name, kept in zip(entries, mlp.names, (narrowed.gate, narrowed.up, narrowed.down)):
             original = weights[name].double()
@@ -311,7 +321,7 @@ def _narrow_compressed_mlps(model: nn.Module, mlps, weights, hidden_covs, report
             report.layers[rows[name]] = replace(
                 entry, sites=[list(site) for site in module.sites], bond_dims=[], params_after=module.num_params,
                 rel_error=float(torch.linalg.norm(original - padded)) / norm if norm else 0.0,
-                seconds=entry.seconds + seconds,
+                seconds=entry.seconds + seconds, kept_dense="",
             )  # fmt: skip
 
 
@@ -365,23 +375,35 @@ def _joint_decisions(model, tokenizer, config: CompressConfig, weights, covarian
     return decide, joint
 
 
-def _allocated_decisions(model, tokenizer, config: CompressConfig, weights, covariances, report, on_stage) -> Decision:
-    """Per-matrix layout and chi from the profile-based allocation plan (dense where the plan keeps it)."""
+def _allocated_decisions(
+    model, tokenizer, config: CompressConfig, weights, covariances, report, on_stage, mlps=(), hidden_covs=None
+) -> tuple[Decision, dict[str, int] | None]:
+    """Per-matrix layout and chi from the profile-based allocation plan (dense where the plan keeps it); with
+    ``config.mlp_neurons`` the gated MLPs ``mlps`` are priced as neuron selections inside the plan
+    (:mod:`bondcut.neuron_pricing`), and their kept neurons by down projection come back too."""
     from .allocate import allocate
     from .candidates import build_candidates
+    from .neuron_pricing import NEURONS, expand_plan, kept_neurons, mlp_items
 
     progress = None if on_stage is None else lambda name, done, total: on_stage("candidates", done, total)
     candidates = build_candidates(weights, covariances or None, config.candidate_layouts, config.damping, progress)
     covariances.clear()  # the spectra hold what is needed; free the n x n statistics
-    plan = allocate(model, tokenizer, candidates, target_budget(model, weights, config), config, on_stage)
+    items = mlp_items(candidates, mlps, weights, hidden_covs) if config.mlp_neurons else None
+    plan = allocate(model, tokenizer, candidates, target_budget(model, weights, config), config, on_stage, items)
+    neurons = None
+    if config.mlp_neurons:
+        neurons = kept_neurons(plan, mlps)
+        plan = expand_plan(plan, mlps, {name: tuple(w.shape) for name, w in weights.items()})
     report.plan = plan.to_dict()
 
     def decide(name: str):
         choice = plan.layers[name]
+        if choice.layout == NEURONS:
+            return None, f"narrowed to {choice.chi} hidden neurons by the allocation plan"
         if choice.layout == "dense":
             return None, "kept dense by the allocation plan: any MPO of it costs more predicted KL per parameter saved"
         mpo = candidates[name].spectra[choice.layout].mpo(choice.chi)
         del candidates[name]  # free its spectra as we go
         return mpo, ""
 
-    return decide
+    return decide, neurons
