@@ -182,8 +182,8 @@ def compress(
     mlp_neurons: Annotated[
         bool,
         typer.Option(
-            help="spend each compressed gated MLP's parameters on its most used hidden neurons (down projection "
-            "refit by least squares) instead of low-rank factors; same parameter count"
+            help="build each compressed gated MLP from its most used hidden neurons (down projection refit by "
+            "least squares) instead of low-rank factors; with --ratio the plan sizes every MLP in neurons"
         ),
     ] = False,  # fmt: skip
 ) -> None:
