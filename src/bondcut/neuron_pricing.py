@@ -60,15 +60,11 @@ class NeuronSpectrum:
     def params(self, keep: int) -> int:
         return keep * self.per_neuron
 
-    def error_sq(self, keep: int) -> float:
-        """Ridge objective of the best ``keep`` neurons (>= their squared output error); 0 with all of them."""
-        if keep >= self.max_chi:
-            return 0.0
-        return max(0.0, self.norm_sq - float(self.explained[keep - 1]))
-
     def error(self, keep: int) -> float:
-        """Relative ridge objective of the best ``keep`` neurons (>= their relative output error)."""
-        return self.error_sq(keep) / self.norm_sq if self.norm_sq > 0 else 0.0
+        """Relative ridge objective of the best ``keep`` neurons (>= their relative output error); 0 with all."""
+        if keep >= self.max_chi or self.norm_sq <= 0:
+            return 0.0
+        return max(0.0, 1.0 - float(self.explained[keep - 1]) / self.norm_sq)
 
     def dense(self, keep: int) -> torch.Tensor:
         """The (d_out, h) down projection of the selection: refit columns at the kept neurons, zeros elsewhere."""
