@@ -399,6 +399,7 @@ def _allocated_decisions(
     def decide(name: str):
         choice = plan.layers[name]
         if choice.layout == NEURONS:
+            candidates.pop(name, None)  # priced as neurons: its low-rank spectra served the profile only
             return None, f"narrowed to {choice.chi} hidden neurons by the allocation plan"
         if choice.layout == "dense":
             return None, "kept dense by the allocation plan: any MPO of it costs more predicted KL per parameter saved"
