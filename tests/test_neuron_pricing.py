@@ -86,14 +86,18 @@ def test_an_mlp_is_one_item_priced_for_its_three_matrices_and_the_plan_comes_bac
     assert full.predicted_loss == plan.predicted_loss == sum(c.predicted for c in full.layers.values())
 
 
-def test_an_mlp_missing_a_matrix_or_its_statistics_stays_three_items():
+def test_an_mlp_missing_a_target_matrix_or_its_statistics_stays_three_items():
     weights = _mlp_weights(8, 32, 1)
     candidates = build_candidates(weights, None, ("lowrank",))
     mlp = GatedMLP("b.gate_proj", "b.up_proj", "b.down_proj")
     assert list(mlp_items(candidates, [mlp], weights, {})) == list(candidates)  # no hidden statistics
     partial = {n: c for n, c in candidates.items() if n != "b.up_proj"}
+    targets = {n: w for n, w in weights.items() if n != "b.up_proj"}  # up is not a target: the MLP is not priced
     cov = torch.eye(32)
-    assert list(mlp_items(partial, [mlp], weights, {"b.down_proj": cov})) == list(partial)
+    assert list(mlp_items(partial, [mlp], targets, {"b.down_proj": cov})) == list(partial)
+    without_gate_up = {n: c for n, c in candidates.items() if n in ("b.down_proj", "b.q_proj")}
+    items = mlp_items(without_gate_up, [mlp], weights, {"b.down_proj": cov})  # gate/up targets, no candidates
+    assert list(items) == ["b.down_proj", "b.q_proj"] and items["b.down_proj"].options[0].params == 3 * 8 * 32
 
 
 BLOCKS_2_3 = ["re:layers\\.(2|3)\\.(mlp|self_attn)\\.(q|o|gate|up|down)_proj$"]
@@ -101,9 +105,11 @@ BLOCKS_2_3 = ["re:layers\\.(2|3)\\.(mlp|self_attn)\\.(q|o|gate|up|down)_proj$"]
 
 def test_a_planned_neuron_model_fits_the_budget_follows_its_plan_beats_low_rank_and_reloads(trained_model, tmp_path):
     """Profile allocation with mlp_neurons on the trained model: the MLPs are sized in neurons by the plan (and
-    the search), the model holds what the plan says within the budget, its KL to the original on the
-    calibration text is below the low-rank plan's at the same ratio, and it reloads."""
+    the search; of their matrices only the down projections are profiled), the model holds what the plan says
+    within the budget, its KL to the original on the calibration text is below the low-rank plan's at the same
+    ratio, and it reloads."""
     import copy
+    import json
 
     import bondcut
     from bondcut import CompressConfig
@@ -115,6 +121,9 @@ def test_a_planned_neuron_model_fits_the_budget_follows_its_plan_beats_low_rank_
                   profile=str(tmp_path / "p.json"), profile_tokens=128, search_evaluations=2, search_tokens=128)  # fmt: skip
     planned, lowrank = copy.deepcopy(model), copy.deepcopy(model)
     report = bondcut.compress(planned, CompressConfig(**common, mlp_neurons=True), tokenizer=tokenizer)
+    profiled = json.loads((tmp_path / "p.json").read_text())["layers"]
+    kinds = sorted(n.rsplit(".", 1)[1] for n in profiled)
+    assert kinds == ["down_proj"] * 2 + ["o_proj"] * 2 + ["q_proj"] * 2  # gate and up: priced in their MLP
     low_report = bondcut.compress(lowrank, CompressConfig(**common), tokenizer=tokenizer)
     assert report.target_params_after <= 0.5 * report.target_params_before
     assert report.plan["method"] == "profile-knapsack+search" and report.plan["search"]["evaluations"] == 2

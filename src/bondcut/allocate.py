@@ -140,9 +140,11 @@ def sensitivities(
     """alpha per matrix, fitted to the (cached) profile's KL; and where the profile came from."""
     from .cache import cache_dir
     from .profile import profile
+    from .surgery import select_targets
 
-    names = list(candidates)
-    cache = config.profile or cache_dir() / "profiles" / f"{model_fingerprint(model, names)}.json"
+    names = list(candidates)  # may be fewer than the targets (MLPs priced as neurons profile their down only)
+    every = [t.name for t in select_targets(model, config)]  # one cache per model and targets, any subset read
+    cache = config.profile or cache_dir() / "profiles" / f"{model_fingerprint(model, every)}.json"
     spectra = {n: c.spectra["lowrank"] for n, c in candidates.items() if "lowrank" in c.spectra}
     if len(spectra) != len(names):
         raise ValueError("profile allocation needs the low-rank layout among the candidates (it prices sensitivity)")

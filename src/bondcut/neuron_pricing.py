@@ -13,7 +13,9 @@ G = C + lam I, L = chol(G) and Z = L^-1 (W_d C)^T, the ridge objective of the fi
 
 because leading blocks of L are the Cholesky factors of leading blocks of G (an upper bound on the output
 error, by the small ridge term). The search measures a neuron option through the down projection alone: its
-refit columns in place and zeros for the dropped neurons give the MLP's exact output.
+refit columns in place and zeros for the dropped neurons give the MLP's exact output. Only the k-prefix energies
+outlive the factorization: a stand-in re-solves its own k x k ridge system (:func:`bondcut.neurons.ridge_refit`),
+so an MLP item holds no h x h matrix of its own (the factor of a 7B model's MLP alone is ~1 GB in fp64).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from .allocate import LayerChoice, Plan
 from .candidates import MatrixCandidates, Option
-from .neurons import RIDGE, GatedMLP, neuron_order
+from .neurons import RIDGE, GatedMLP, neuron_order, ridge_refit
 
 NEURON_STEP = 32  # neurons per level of an MLP's ladder: ~55k parameters on SmolLM2-135M's MLPs
 NEURONS = "neurons"  # the layout name of a neuron option (its chi is the number of kept neurons)
@@ -41,17 +43,18 @@ class NeuronSpectrum:
     layout: tuple = ()  # not an MPO; the plan's sites are set by :func:`expand_plan`
 
     def __init__(self, down: torch.Tensor, hidden_cov: torch.Tensor, per_neuron: int, ridge: float = RIDGE) -> None:
-        cov = hidden_cov.double()
-        down64 = down.detach().double()
+        self.down, self.hidden_cov, self.ridge = down.detach(), hidden_cov, ridge  # references, not copies
         self.dtype, self.shape, self.per_neuron = down.dtype, tuple(down.shape), per_neuron
-        self.order = neuron_order(down64, cov)  # (h,)
+        self.order = neuron_order(down, hidden_cov)  # (h,)
+        cov, down64 = hidden_cov.double(), self.down.double()
         lam = ridge * float(torch.diagonal(cov).mean())
-        gram = cov[self.order][:, self.order] + lam * torch.eye(cov.shape[0], dtype=cov.dtype)
-        self.factor = torch.linalg.cholesky(gram)  # L, lower: leading blocks factor leading blocks of G
+        gram = cov[self.order][:, self.order]
+        gram.diagonal().add_(lam)
+        factor = torch.linalg.cholesky(gram)  # L, lower: leading blocks factor leading blocks of G
         target = (down64 @ cov[:, self.order]).T  # (h, d_out): (W_d C)^T in score order
-        self.whitened = torch.linalg.solve_triangular(self.factor, target, upper=False)  # Z = L^-1 (W_d C)^T
+        whitened = torch.linalg.solve_triangular(factor, target, upper=False)  # Z = L^-1 (W_d C)^T
         self.norm_sq = float((down64 @ cov * down64).sum())  # tr(W_d C W_d^T)
-        self.explained = torch.cumsum((self.whitened**2).sum(1), 0)  # ||Z[:k]||^2 for k = 1..h
+        self.explained = torch.cumsum((whitened**2).sum(1), 0)  # ||Z[:k]||^2 for k = 1..h; L and Z are let go
 
     @property
     def max_chi(self) -> int:
@@ -69,11 +72,19 @@ class NeuronSpectrum:
     def dense(self, keep: int) -> torch.Tensor:
         """The (d_out, h) down projection of the selection: refit columns at the kept neurons, zeros elsewhere."""
         keep = max(1, min(keep, self.max_chi))
-        lower = self.factor[:keep, :keep]
-        refit = torch.linalg.solve_triangular(lower.T, self.whitened[:keep], upper=True).T  # B G_k^-1, (d_out, k)
+        kept = self.order[:keep]
         stand_in = torch.zeros(self.shape, dtype=torch.float64)
-        stand_in[:, self.order[:keep]] = refit
+        stand_in[:, kept] = ridge_refit(self.down, self.hidden_cov, kept, self.ridge)
         return stand_in.to(self.dtype)
+
+
+def priced_mlps(
+    mlps: Sequence[GatedMLP], names: Sequence[str], hidden_covs: Mapping[str, torch.Tensor]
+) -> list[GatedMLP]:
+    """The gated MLPs the allocation prices as neuron selections: all three matrices among the targets ``names``
+    and the hidden statistics at hand. Their gate and up projections need no candidates and no profile."""
+    present = set(names)
+    return [m for m in mlps if all(n in present for n in m.names) and m.down in hidden_covs]
 
 
 def mlp_items(
@@ -83,17 +94,18 @@ def mlp_items(
     hidden_covs: Mapping[str, torch.Tensor],
     step: int = NEURON_STEP,
 ) -> dict[str, MatrixCandidates]:
-    """The allocation's items with every gated MLP of ``mlps`` (all three matrices among the candidates) as one:
-    it keeps its down projection's name and carries neuron options priced for the whole MLP; gate and up leave.
-    Other matrices keep their candidates. Biases are not priced (the same for every option)."""
-    grouped = {m.down: m for m in mlps if all(n in candidates for n in m.names) and m.down in hidden_covs}
+    """The allocation's items with every gated MLP of :func:`priced_mlps` as one: it keeps its down projection's
+    name and place and carries neuron options priced for the whole MLP (the down projection must be a candidate:
+    its profile prices the MLP); gate and up leave if they are candidates. Other matrices keep their candidates.
+    Biases are not priced (the same for every option)."""
+    grouped = {m.down: m for m in priced_mlps(mlps, list(weights), hidden_covs) if m.down in candidates}
     members = {n for m in grouped.values() for n in m.names}
     items: dict[str, MatrixCandidates] = {}
     for name, entry in candidates.items():
-        if name not in members:
-            items[name] = entry
-        elif name in grouped:
+        if name in grouped:
             items[name] = _mlp_item(grouped[name], weights, hidden_covs[name], step)
+        elif name not in members:
+            items[name] = entry
     return items
 
 

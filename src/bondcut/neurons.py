@@ -84,13 +84,20 @@ def select_neurons(
                          f"{tuple(hidden_cov.shape)}")  # fmt: skip
     if not 1 <= keep <= hidden:
         raise ValueError(f"keep must be between 1 and {hidden} hidden neurons, got {keep}")
-    cov = hidden_cov.double()
-    down64 = down.detach().double()
-    kept = neuron_order(down64, cov)[:keep].sort().values
-    lam = ridge * float(torch.diagonal(cov).mean())
-    eye = torch.eye(keep, dtype=cov.dtype, device=cov.device)
-    refit = torch.linalg.solve(cov[kept][:, kept] + lam * eye, (down64 @ cov[:, kept]).T).T  # (d_out, k)
+    kept = neuron_order(down, hidden_cov)[:keep].sort().values
+    refit = ridge_refit(down, hidden_cov, kept, ridge)
     return NarrowedMLP(gate.detach()[kept], up.detach()[kept], refit.to(down.dtype), kept)
+
+
+def ridge_refit(down: torch.Tensor, hidden_cov: torch.Tensor, kept: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """The (d_out, k) fp64 down projection on the ``kept`` neurons that best reproduces the full one's output:
+    argmin ||W_d h - W' h_kept||^2 + lam ||W'||^2 over the calibration, lam = ``ridge`` x the mean neuron energy."""
+    down64 = down.detach().double()
+    lam = ridge * float(torch.diagonal(hidden_cov).double().mean())
+    gram = hidden_cov[kept][:, kept].double()
+    gram.diagonal().add_(lam)
+    target = down64 @ hidden_cov[:, kept].double()  # (d_out, k): W_d C restricted to the kept columns
+    return torch.linalg.solve(gram, target.T).T
 
 
 def neuron_order(down: torch.Tensor, hidden_cov: torch.Tensor) -> torch.Tensor:

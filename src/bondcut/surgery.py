@@ -383,10 +383,13 @@ def _allocated_decisions(
     (:mod:`bondcut.neuron_pricing`), and their kept neurons by down projection come back too."""
     from .allocate import allocate
     from .candidates import build_candidates
-    from .neuron_pricing import NEURONS, expand_plan, kept_neurons, mlp_items
+    from .neuron_pricing import NEURONS, expand_plan, kept_neurons, mlp_items, priced_mlps
 
     progress = None if on_stage is None else lambda name, done, total: on_stage("candidates", done, total)
-    candidates = build_candidates(weights, covariances or None, config.candidate_layouts, config.damping, progress)
+    priced = priced_mlps(mlps, list(weights), hidden_covs) if config.mlp_neurons else []
+    in_items = {m.gate for m in priced} | {m.up for m in priced}  # priced inside their MLP's item: no spectra
+    candidates = build_candidates({n: w for n, w in weights.items() if n not in in_items}, covariances or None,
+                                  config.candidate_layouts, config.damping, progress)  # fmt: skip
     covariances.clear()  # the spectra hold what is needed; free the n x n statistics
     items = mlp_items(candidates, mlps, weights, hidden_covs) if config.mlp_neurons else None
     plan = allocate(model, tokenizer, candidates, target_budget(model, weights, config), config, on_stage, items)
@@ -399,7 +402,7 @@ def _allocated_decisions(
     def decide(name: str):
         choice = plan.layers[name]
         if choice.layout == NEURONS:
-            candidates.pop(name, None)  # priced as neurons: its low-rank spectra served the profile only
+            candidates.pop(name, None)  # the down projection's low-rank spectra served the profile only
             return None, f"narrowed to {choice.chi} hidden neurons by the allocation plan"
         if choice.layout == "dense":
             return None, "kept dense by the allocation plan: any MPO of it costs more predicted KL per parameter saved"
