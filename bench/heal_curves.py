@@ -82,7 +82,8 @@ def paired_losses(base: dict, other: dict, ranges: list[tuple[int, int]]) -> dic
     return out
 
 
-def plot(runs: list[dict], reference: float | None, path: Path) -> Path:
+def plot(runs: list[dict], reference: float | None, path: Path, target: float = 1.1) -> Path:
+    """The runs' held-out curves; with ``reference``, the original's line and the target ratio's."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
@@ -90,7 +91,7 @@ def plot(runs: list[dict], reference: float | None, path: Path) -> Path:
                 label=f"{run['label']}: {run['final_perplexity']:.2f}")  # fmt: skip
     if reference is not None:
         ax.axhline(reference, color="k", ls="--", lw=1, label=f"original: {reference:.2f}")
-        ax.axhline(1.1 * reference, color="grey", ls=":", lw=1, label="1.10 x original")
+        ax.axhline(target * reference, color="grey", ls=":", lw=1, label=f"{target:.2f} x original (target)")
     ax.set_yscale("log")
     ax.set_xlabel("tokens trained")
     ax.set_ylabel(f"held-out perplexity ({runs[0]['held_out_tokens']} tokens)")
@@ -103,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL:PATH of a heal.json, one per run")
     parser.add_argument("--reference", type=float, help="the original's perplexity on the same held-out tokens")
+    parser.add_argument("--target", type=float, default=1.1, help="the target ratio to the original, drawn as a line")
     parser.add_argument("--out", type=Path, required=True, help="JSON path; the PNG goes beside it")
     parser.add_argument("--paired", help="step ranges, e.g. 1-16,33-64: training loss minus the first run's")
     args = parser.parse_args()
@@ -114,7 +116,7 @@ def main() -> None:
             summary["loss_minus_first_run"] = paired_losses(loaded[0][1], run, ranges)
             print(f"{summary['label']} minus {runs[0]['label']}: {summary['loss_minus_first_run']}")
     write_json(args.out, {"reference_perplexity": args.reference, "runs": runs})
-    plot(runs, args.reference, args.out.with_suffix(".png"))
+    plot(runs, args.reference, args.out.with_suffix(".png"), args.target)
     for run in runs:
         ratio = "" if run["final_vs_reference"] is None else f" ({run['final_vs_reference']:.2f}x)"
         print(f"{run['label']}: {run['final_perplexity']:.2f}{ratio} after {run['tokens_trained']:,} tokens")
