@@ -26,7 +26,7 @@ import torch
 
 from .allocate import LayerChoice, Plan
 from .candidates import MatrixCandidates, Option
-from .neurons import RIDGE, GatedMLP, neuron_order, ridge_refit
+from .neurons import RIDGE, GatedMLP, neuron_order, ridge_lambda, ridge_refit
 
 NEURON_STEP = 32  # neurons per level of an MLP's ladder: ~55k parameters on SmolLM2-135M's MLPs
 NEURONS = "neurons"  # the layout name of a neuron option (its chi is the number of kept neurons)
@@ -47,9 +47,8 @@ class NeuronSpectrum:
         self.dtype, self.shape, self.per_neuron = down.dtype, tuple(down.shape), per_neuron
         self.order = neuron_order(down, hidden_cov)  # (h,)
         cov, down64 = hidden_cov.double(), self.down.double()
-        lam = ridge * float(torch.diagonal(cov).mean())
         gram = cov[self.order][:, self.order]
-        gram.diagonal().add_(lam)
+        gram.diagonal().add_(ridge_lambda(cov, ridge))
         factor = torch.linalg.cholesky(gram)  # L, lower: leading blocks factor leading blocks of G
         target = (down64 @ cov[:, self.order]).T  # (h, d_out): (W_d C)^T in score order
         whitened = torch.linalg.solve_triangular(factor, target, upper=False)  # Z = L^-1 (W_d C)^T

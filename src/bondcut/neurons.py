@@ -93,11 +93,15 @@ def ridge_refit(down: torch.Tensor, hidden_cov: torch.Tensor, kept: torch.Tensor
     """The (d_out, k) fp64 down projection on the ``kept`` neurons that best reproduces the full one's output:
     argmin ||W_d h - W' h_kept||^2 + lam ||W'||^2 over the calibration, lam = ``ridge`` x the mean neuron energy."""
     down64 = down.detach().double()
-    lam = ridge * float(torch.diagonal(hidden_cov).double().mean())
     gram = hidden_cov[kept][:, kept].double()
-    gram.diagonal().add_(lam)
+    gram.diagonal().add_(ridge_lambda(hidden_cov, ridge))
     target = down64 @ hidden_cov[:, kept].double()  # (d_out, k): W_d C restricted to the kept columns
     return torch.linalg.solve(gram, target.T).T
+
+
+def ridge_lambda(hidden_cov: torch.Tensor, ridge: float = RIDGE) -> float:
+    """The ridge weight of a refit: ``ridge`` x the mean neuron energy (one formula for refit and its pricing)."""
+    return ridge * float(torch.diagonal(hidden_cov).double().mean())
 
 
 def neuron_order(down: torch.Tensor, hidden_cov: torch.Tensor) -> torch.Tensor:
