@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import bondcut
 from bondcut import CompressConfig, MPOLinear
 from bondcut.cli import app
-from bondcut.heal import HealConfig, distillation_loss, heal, hidden_state_loss, lr_factor
+from bondcut.heal import HealConfig, distillation_loss, heal, hidden_state_loss, lr_factor, trainable_parameters
 
 runner = CliRunner()
 BLOCK_1 = ["re:layers\\.1\\.mlp\\."]
@@ -58,6 +58,17 @@ def test_rest_lr_steps_the_dense_parameters_at_their_own_rate(compressed_dir):
     after = dict(model.named_parameters())
     assert min(float((after[n] - p).abs().max()) for n, p in cores.items()) > 1e-5
     assert max(float((after[n] - p).abs().max()) for n, p in rest.items()) < 1e-6
+
+
+def test_mpo_dense_trains_the_cores_and_the_dense_block_matrices_not_embeddings_or_norms(compressed_dir):
+    """train='mpo+dense': what the plan kept dense adapts too, while the (tied) embedding and the norms stay."""
+    model, _ = bondcut.load(compressed_dir)
+    params = trainable_parameters(model, "mpo+dense")
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained == {name for name, _ in model.named_parameters() if ".layers." in name and "norm" not in name}
+    assert "model.layers.5.self_attn.q_proj.weight" in trained and "model.layers.1.mlp.up_proj.cores.0" in trained
+    assert not model.model.embed_tokens.weight.requires_grad and not model.model.norm.weight.requires_grad
+    assert sum(p.numel() for p in params) == sum(p.numel() for n, p in model.named_parameters() if n in trained)
 
 
 def test_both_gauges_start_from_the_same_model_and_both_heal(compressed_dir):

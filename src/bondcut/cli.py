@@ -600,15 +600,16 @@ def heal_command(
     rest_lr: Annotated[
         float | None,
         typer.Option(
-            help="with --train all: peak learning rate of everything outside the MPO layers "
+            help="with --train all or mpo+dense: peak learning rate of everything outside the MPO layers "
             "(embeddings, norms, dense layers); default --lr"
         ),
     ] = None,  # fmt: skip
     train: Annotated[
         str,
         typer.Option(
-            help="'mpo' (cores only), 'all' parameters, 'scales' (a packed model's "
-            "group scales and offsets; codes stay), or 'mpo+scales' (both)"
+            help="'mpo' (cores only), 'mpo+dense' (cores and the linear layers left dense; embeddings and "
+            "norms stay), 'all' parameters, 'scales' (a packed model's group scales and offsets; codes stay), "
+            "or 'mpo+scales' (cores and scales)"
         ),
     ] = "mpo",
     eval_every: Annotated[int, typer.Option(help="steps between held-out perplexity checks (0 = start and end)")] = 0,

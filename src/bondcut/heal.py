@@ -33,13 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mpo_linear import MPOLinear
+from .surgery import is_dense_layer
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 
 
-TRAIN_CHOICES = ("mpo", "all", "scales", "mpo+scales")
+TRAIN_CHOICES = ("mpo", "all", "scales", "mpo+scales", "mpo+dense")
 GAUGE_CHOICES = ("balanced", "canonical")
 
 
@@ -58,7 +59,9 @@ class HealConfig:
         weight_decay, max_grad_norm: AdamW weight decay and gradient-norm clip.
         train: "mpo" (MPO cores and their biases only), "all" parameters, "scales": a packed model's per-group
             scales and offsets only (codes fixed; healing after packing; stored back as fp16 when done), or
-            "mpo+scales": both, for a model whose MPO layers are float and the rest packed.
+            "mpo+scales": both, for a model whose MPO layers are float and the rest packed; "mpo+dense": the MPO
+            cores and the block matrices the plan kept dense (every linear layer but the output embedding; the
+            embeddings and norms stay), so the layers left whole adapt to their cut neighbours too.
         distill: weight of the distillation term (0 = next-token loss only, 1 = distillation only); needs a teacher.
         temperature: softening of both distributions in the distillation term.
         teacher_top_k: 0 runs the teacher beside the student on every batch; k > 0 caches its k largest logits per
@@ -118,8 +121,9 @@ class HealConfig:
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_CHOICES:
-            raise ValueError(f"train must be 'mpo' (cores only), 'all' or 'scales' (a packed model's group scales "
-                             f"and offsets), got {self.train!r}")  # fmt: skip
+            raise ValueError(f"train must be 'mpo' (cores only), 'mpo+dense' (cores and dense linear layers), 'all', "
+                             f"'scales' (a packed model's group scales and offsets) or 'mpo+scales', "
+                             f"got {self.train!r}")  # fmt: skip
         if self.teacher_top_k < 0:
             raise ValueError(f"teacher_top_k must be >= 0 (0 = run the teacher alongside), got {self.teacher_top_k}")
         if not 0 <= self.distill <= 1 or self.temperature <= 0:
@@ -130,9 +134,9 @@ class HealConfig:
             raise ValueError("hidden_distill runs the teacher on every batch (its hidden states are not cached), "
                              "so teacher_top_k's logit cache does not apply: set teacher_top_k=0 "
                              "(--teacher-top-k 0)")  # fmt: skip
-        if self.rest_lr is not None and (self.rest_lr <= 0 or self.train not in ("all", "mpo+scales")):
-            raise ValueError(f"rest_lr must be positive and only applies with train='all' or 'mpo+scales' (it sets "
-                             f"the learning rate of what is not an MPO core), got rest_lr={self.rest_lr}, "
+        if self.rest_lr is not None and (self.rest_lr <= 0 or self.train not in ("all", "mpo+scales", "mpo+dense")):
+            raise ValueError(f"rest_lr must be positive and only applies with train='all', 'mpo+scales' or "
+                             f"'mpo+dense' (it sets the learning rate of what is not an MPO core), got rest_lr={self.rest_lr}, "
                              f"train={self.train!r}")  # fmt: skip
         if self.gauge not in GAUGE_CHOICES:
             raise ValueError(f"gauge must be one of {GAUGE_CHOICES}, got {self.gauge!r}")
@@ -146,9 +150,10 @@ class HealConfig:
         if (self.quant_bits or self.quant_pending) and (self.train == "scales" or self.fsdp):
             raise ValueError("quantization-aware healing (quant_bits, quant_pending) trains float MPO cores on one "
                              "grid per core: it does not combine with train='scales' or fsdp")  # fmt: skip
-        if self.quant_pending and self.train == "all":
+        if self.quant_pending and self.train in ("all", "mpo+dense"):
             raise ValueError("quant_pending packs the dense layers and embedding before training: train 'mpo' "
-                             "(cores) or 'mpo+scales' (cores and the packed layers' scales), not 'all'")  # fmt: skip
+                             f"(cores) or 'mpo+scales' (cores and the packed layers' scales), not "
+                             f"{self.train!r}")  # fmt: skip
         if self.eval_tokens < 0 or self.eval_tokens == 1:
             raise ValueError(f"eval_tokens must be 0 (no held-out checks) or >= 2 (a perplexity needs a predicted "
                              f"token), got {self.eval_tokens}")  # fmt: skip
@@ -183,8 +188,8 @@ class HealResult:
 
 def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
     """Mark and return what trains: "all" parameters, "mpo" (only the MPO layers' cores and biases), "scales"
-    (packed layers' group scales and offsets, through a gain and a shift per group), "mpo+scales" (both), or
-    "auto" ("mpo" for a model with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
+    (packed layers' group scales and offsets, through a gain and a shift per group), "mpo+scales" (both),
+    "mpo+dense" (the cores and every dense linear layer but the output embedding), or "auto" ("mpo" for a model with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
     if train == "auto":
         train = "mpo" if any(isinstance(m, MPOLinear) for m in model.modules()) else "all"
     if train == "all":
@@ -194,7 +199,10 @@ def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
 
         model.requires_grad_(False)
         parts = train.split("+")
+        output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for module in model.modules():
+            if "dense" in parts and is_dense_layer(module) and module is not output_embedding:
+                module.requires_grad_(True)
             if "mpo" in parts and isinstance(module, MPOLinear):
                 module.requires_grad_(True)
             if "scales" in parts and isinstance(module, PACKED_LAYERS):
@@ -380,7 +388,7 @@ def _round_while_training(model: nn.Module, config: HealConfig, planned: tuple[d
     from .quant.aware import make_quant_aware
 
     if config.quant_bits:
-        make_quant_aware(model, config.quant_bits, config.quant_group, rest=config.train == "all")
+        make_quant_aware(model, config.quant_bits, config.quant_group, rest=config.train in ("all", "mpo+dense"))
         return True
     if planned is not None and planned[0]:
         make_quant_aware(model, *planned)
