@@ -236,7 +236,7 @@ def test_healing_a_packed_model_trains_only_its_group_scales_and_offsets(trained
     packed = copy.deepcopy(model)
     quantize_model(packed, QuantizeConfig(bits=4, embedding_tiers=tiers), tokenizer=tokenizer)
     buffers = {n: b.clone() for n, b in packed.named_buffers()}
-    result = heal(packed, tokenizer, HealConfig(**{**SMALL, "lr": 3e-4}, train="scales"))
+    result = heal(packed, tokenizer, HealConfig(**{**SMALL, "tokens": 64 * 4 * 3, "lr": 3e-4}, train="scales"))
     assert result.evals[-1]["perplexity"] < result.evals[0]["perplexity"]
     ranges = {n: b for n, b in buffers.items() if n.endswith(("scale", "offset"))}
     assert result.trainable_params == sum(b.numel() for b in ranges.values())

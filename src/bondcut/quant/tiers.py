@@ -131,7 +131,7 @@ def row_usage(model: nn.Module, counted: torch.Tensor, windows: torch.Tensor, ba
     return usage.float()
 
 
-def corpus_usage(model: nn.Module, tokenizer, tokens: int = 4096) -> torch.Tensor:
+def corpus_usage(model: nn.Module, tokenizer, tokens: int = 1024) -> torch.Tensor:
     """:func:`row_usage` counted on the corpus's train split (the most text the project holds; tokenized once,
     cached) with ties ordered on ``tokens`` tokens of the calibration split."""
     from ..calibration import calibration_windows
