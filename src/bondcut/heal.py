@@ -136,8 +136,8 @@ class HealConfig:
                              "(--teacher-top-k 0)")  # fmt: skip
         if self.rest_lr is not None and (self.rest_lr <= 0 or self.train not in ("all", "mpo+scales", "mpo+dense")):
             raise ValueError(f"rest_lr must be positive and only applies with train='all', 'mpo+scales' or "
-                             f"'mpo+dense' (it sets the learning rate of what is not an MPO core), got rest_lr={self.rest_lr}, "
-                             f"train={self.train!r}")  # fmt: skip
+                             f"'mpo+dense' (it sets the learning rate of what is not an MPO core), "
+                             f"got rest_lr={self.rest_lr}, train={self.train!r}")  # fmt: skip
         if self.gauge not in GAUGE_CHOICES:
             raise ValueError(f"gauge must be one of {GAUGE_CHOICES}, got {self.gauge!r}")
         if self.quant_bits and self.quant_pending:
@@ -151,7 +151,7 @@ class HealConfig:
             raise ValueError("quantization-aware healing (quant_bits, quant_pending) trains float MPO cores on one "
                              "grid per core: it does not combine with train='scales' or fsdp")  # fmt: skip
         if self.quant_pending and self.train in ("all", "mpo+dense"):
-            raise ValueError("quant_pending packs the dense layers and embedding before training: train 'mpo' "
+            raise ValueError(f"quant_pending packs the dense layers and embedding before training: train 'mpo' "
                              f"(cores) or 'mpo+scales' (cores and the packed layers' scales), not "
                              f"{self.train!r}")  # fmt: skip
         if self.eval_tokens < 0 or self.eval_tokens == 1:
@@ -189,7 +189,8 @@ class HealResult:
 def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
     """Mark and return what trains: "all" parameters, "mpo" (only the MPO layers' cores and biases), "scales"
     (packed layers' group scales and offsets, through a gain and a shift per group), "mpo+scales" (both),
-    "mpo+dense" (the cores and every dense linear layer but the output embedding), or "auto" ("mpo" for a model with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
+    "mpo+dense" (the cores and every dense linear layer but the output embedding), or "auto" ("mpo" for a model
+    with MPO layers, "all" otherwise: what healing or fine-tuning would train)."""
     if train == "auto":
         train = "mpo" if any(isinstance(m, MPOLinear) for m in model.modules()) else "all"
     if train == "all":
@@ -388,7 +389,7 @@ def _round_while_training(model: nn.Module, config: HealConfig, planned: tuple[d
     from .quant.aware import make_quant_aware
 
     if config.quant_bits:
-        make_quant_aware(model, config.quant_bits, config.quant_group, rest=config.train in ("all", "mpo+dense"))
+        make_quant_aware(model, config.quant_bits, config.quant_group, rest=config.train == "all")
         return True
     if planned is not None and planned[0]:
         make_quant_aware(model, *planned)
