@@ -216,7 +216,7 @@ def test_two_processes_under_torchrun_give_the_one_process_curve(compressed_dir,
         (["--hidden-distill", "-1"], "hidden_distill must be >= 0"),
         (["--eval-tokens", "1"], "eval_tokens must be 0 (no held-out checks) or >= 2"),
         (["--hidden-distill", "1", "--teacher-top-k", "64"], "set teacher_top_k=0"),
-        (["--train", "mpo+dense", "--quant-pending"], "not 'mpo+dense'"),
+        (["--train", "mpo+dense", "--quant-pending"], "quant_pending packs the dense layers"),
     ],
 )
 def test_bad_heal_input_is_a_clear_error(compressed_dir, tmp_path, args, message):
